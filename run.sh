@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Launches train_gpt2.py under torchrun; run_dense.sh and run_moe.sh call it with their flags.
+#   one process per visible GPU, one CPU process when there is none; NPROC=n overrides
+#   multi-node: NNODES=n RDZV_ENDPOINT=host:port on every node (see README)
+#   --smoke anywhere in the arguments: generate a small synthetic language and train a tiny model on it
+# Every other argument passes through to train_gpt2.py; later flags win over earlier ones.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+args=() smoke=0
+for a in "$@"; do
+  if [[ "$a" == "--smoke" ]]; then smoke=1; else args+=("$a"); fi
+done
+if (( smoke )); then
+  [[ -f data/smoke/synthetic_val_000000.bin ]] || "$PYTHON" data/synthetic.py --out data/smoke --vocab_size 512
+  smoke_flags=(--input_bin 'data/smoke/synthetic_train_*.bin' --input_val_bin 'data/smoke/synthetic_val_*.bin'
+    --vocab_size 512 --n_layer 2 --n_head 2 --n_embd 128 --sequence_length 128
+    --batch_size 64 --device_batch_size 8 --num_iterations 200 --warmdown_iters 60
+    --val_loss_every 50 --val_tokens 65536)
+  args=("${smoke_flags[@]}" ${args[@]+"${args[@]}"})
+fi
+
+NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+NNODES=${NNODES:-1}
+if (( NNODES > 1 )); then
+  : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port (the same on every node) for a multi-node run}"
+  launch=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-modded-nanogpt-moe}")
+else
+  launch=(--standalone)
+fi
+
+# check the flags and the data first, so a typo costs one line and no launch
+WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" train_gpt2.py --check_only ${args[@]+"${args[@]}"} >/dev/null
+exec torchrun "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py ${args[@]+"${args[@]}"}

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny synthetic shards, and helpers that run the trainer through torchrun."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+import synthetic  # noqa: E402
+
+# a model and batch small enough that a step takes milliseconds on one CPU core
+TINY_VOCAB = 128
+TINY = ["--vocab_size", str(TINY_VOCAB), "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+        "--sequence_length", "32", "--device_batch_size", "4", "--batch_size", "8",
+        "--val_tokens", "1024", "--dtype", "float32"]
+
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Two training shards of 20k tokens and a validation shard of a sparse Markov language."""
+    out = tmp_path_factory.mktemp("shards")
+    synthetic.generate(str(out), vocab_size=TINY_VOCAB, train_shards=2, shard_tokens=20_000, val_tokens=4096)
+    return out
+
+
+def data_flags(shards: Path) -> list[str]:
+    return ["--input_bin", str(shards / "synthetic_train_*.bin"), "--input_val_bin", str(shards / "synthetic_val_*.bin")]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 300, script: Path = ROOT / "train_gpt2.py",
+             **popen) -> subprocess.CompletedProcess:
+    """Run a script (train_gpt2.py by default) under a real torchrun (gloo on CPU) with nproc processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def run_log(log_dir: Path) -> tuple[Path, list[str]]:
+    """The single run log in log_dir and its lines."""
+    logs = sorted(log_dir.glob("*.txt"))
+    assert len(logs) == 1, logs
+    return logs[0], logs[0].read_text().splitlines()
+
+
+def val_losses(lines: list[str]) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, lines) if m}
+
+
+def train_losses(lines: list[str]) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for m in map(TRAIN_LINE.match, lines) if m}
+
+
+def checkpoints(log_dir: Path) -> list[Path]:
+    return sorted(log_dir.glob("*/state_step*.pt"))
+
+
+LN_TINY_VOCAB = math.log(TINY_VOCAB)

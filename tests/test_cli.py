@@ -1,0 +1,84 @@
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from conftest import ROOT, TINY, data_flags
+from train_gpt2 import Hyperparameters, build_parser, get_lr_multiplier, parse_args
+
+
+def test_defaults_reproduce_the_2024_11_03_record():
+    a = Hyperparameters()
+    assert (a.batch_size, a.device_batch_size, a.sequence_length) == (512, 64, 1024)
+    assert (a.num_iterations, a.warmup_iters, a.warmdown_iters) == (4578, 0, 1308)
+    assert (a.val_loss_every, a.val_tokens) == (125, 10485760)
+    assert (a.embed_lr, a.head_lr, a.muon_lr, a.muon_momentum) == (0.3, 0.002, 0.02, 0.95)
+    assert (a.vocab_size, a.n_layer, a.n_head, a.n_embd) == (50304, 12, 6, 768)
+    assert a.input_bin == "data/fineweb10B/fineweb_train_*.bin"
+    assert parse_args([]) == a
+
+
+def test_every_field_is_a_flag_with_help():
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(Hyperparameters)}
+    assert all(a.help for a in flags.values())
+
+
+def test_flags_parse_to_the_field_types():
+    a = parse_args(["--num_iterations", "100", "--muon_lr", "0.01", "--dtype", "bfloat16", "--no-compile"])
+    assert a.num_iterations == 100 and isinstance(a.num_iterations, int)
+    assert a.muon_lr == 0.01 and a.dtype == "bfloat16" and a.compile is False
+    assert parse_args(["--compile"]).compile is True and parse_args([]).compile is None
+
+
+def test_lr_schedule_is_constant_then_linear_warmdown():
+    a = Hyperparameters(num_iterations=100, warmdown_iters=20)
+    assert [get_lr_multiplier(i, a) for i in (0, 79, 80)] == [1.0, 1.0, 1.0]
+    assert get_lr_multiplier(90, a) == pytest.approx(0.5) and get_lr_multiplier(100, a) == 0.0
+    w = Hyperparameters(num_iterations=100, warmup_iters=10, warmdown_iters=20)
+    assert get_lr_multiplier(0, w) == pytest.approx(0.1) and get_lr_multiplier(9, w) == 1.0
+
+
+def check(args, world_size=1):
+    return subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--check_only", *args], cwd=ROOT,
+                          capture_output=True, text=True, env={"WORLD_SIZE": str(world_size), "PATH": ""}, timeout=60)
+
+
+BAD_INPUTS = [
+    (["--batch_size", "10"], 1, "--batch_size 10 is not a multiple of --device_batch_size 4 x 1 ranks = 4"),
+    (["--batch_size", "8"], 4, "--batch_size 8 is not a multiple of --device_batch_size 4 x 4 ranks = 16"),
+    (["--val_tokens", "1000"], 1, "--val_tokens 1000 is not a multiple of"),
+    (["--num_iterations", "0"], 1, "--num_iterations must be positive, got 0"),
+    (["--device_batch_size", "-4"], 1, "--device_batch_size must be positive, got -4"),
+    (["--n_head", "3"], 1, "--n_embd 32 must split into --n_head 3 heads of even size"),
+    (["--warmdown_iters", "5000"], 1, "exceed --num_iterations"),
+    (["--vocab_size", "70000"], 1, "--vocab_size 70000 does not fit"),
+    (["--dtype", "fp16"], 1, "argument --dtype: invalid choice: 'fp16'"),
+    (["--num_iterations", "ten"], 1, "argument --num_iterations: invalid int value: 'ten'"),
+    (["--no_such_flag", "1"], 1, "unrecognized arguments: --no_such_flag"),
+]
+
+
+@pytest.mark.parametrize("bad, world_size, message", BAD_INPUTS)
+def test_bad_flags_get_one_clear_line(shards, bad, world_size, message):
+    result = check([*TINY, *data_flags(shards), "--num_iterations", "10", "--warmdown_iters", "2", *bad], world_size)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([l for l in result.stderr.splitlines() if l.startswith("error") or ": error:" in l]) == 1
+
+
+def test_missing_data_names_the_glob_and_the_download_command(tmp_path):
+    result = check([*TINY, "--input_bin", str(tmp_path / "fineweb_train_*.bin")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/fineweb_train_*.bin: no shard matches; download the data with "
+        "`python data/cached_fineweb10B.py`"]
+
+
+def test_good_flags_pass_the_check(shards):
+    result = check([*TINY, *data_flags(shards), "--num_iterations", "10", "--warmdown_iters", "2"])
+    assert result.returncode == 0, result.stderr
+    assert "ok:" in result.stdout

@@ -1,0 +1,32 @@
+"""The shell launchers, run the way the README runs them."""
+import os
+import subprocess
+
+from conftest import ROOT, VAL_LINE, run_log, val_losses
+
+
+def launch(script, *args, nproc=2, timeout=300):
+    env = {**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dense_smoke_run_learns(tmp_path):
+    result = launch("run_dense.sh", "--smoke", "--num_iterations", "40", "--warmdown_iters", "10",
+                    "--val_loss_every", "20", "--log_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, lines = run_log(tmp_path)
+    val = val_losses(lines)
+    assert sorted(val) == [0, 20, 40]
+    assert abs(val[0] - 6.2383) < 1e-3 and val[40] < 3.0, val  # ln(512), then far below it
+    assert "world_size:2" in result.stdout and "n_layer': 2" in "\n".join(lines)
+    assert any(VAL_LINE.match(l) for l in result.stdout.splitlines())
+
+
+def test_a_bad_flag_stops_before_launch_with_one_line(tmp_path):
+    result = launch("run_dense.sh", "--smoke", "--batch_size", "12", "--log_dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --batch_size 12 is not a multiple of --device_batch_size 8 x 2 ranks = 16; "
+        "pick a batch_size that is, or change device_batch_size")
+    assert "torch.distributed" not in result.stderr and not list(tmp_path.iterdir())

@@ -1,0 +1,612 @@
+"""
+modded-nanogpt-moe: the NanoGPT speedrun record of 2024-11-03 (10.8 min on 8xH100), in one file.
+
+Launch with torchrun (run_dense.sh does this for you); `python train_gpt2.py --help` lists every flag.
+Importing this file has no side effects, so the pieces (GPT, Muon, DistributedDataLoader, ...) can be
+used and tested on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import math
+import os
+import subprocess
+import sys
+import time
+import typing
+import uuid
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# Hyperparameters: one dataclass; every field is also a command-line flag.
+
+
+def arg(default, help):
+    """A Hyperparameters field whose help text is its comment."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    input_bin: str = arg("data/fineweb10B/fineweb_train_*.bin", "glob of the training shards")
+    input_val_bin: str = arg("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards")
+    # optimization
+    batch_size: int = arg(8 * 64, "sequences per optimizer step, summed over all ranks")
+    device_batch_size: int = arg(64, "sequences per forward pass on one rank")
+    sequence_length: int = arg(1024, "tokens per sequence")
+    num_iterations: int = arg(4578, "optimizer steps")
+    warmup_iters: int = arg(0, "steps of linear lr warmup")
+    warmdown_iters: int = arg(1308, "final steps over which the lr decays linearly to zero")
+    embed_lr: float = arg(0.3, "Adam lr of the token embedding")
+    head_lr: float = arg(0.002, "Adam lr of the lm head")
+    muon_lr: float = arg(0.02, "Muon lr of the matrices in the transformer blocks")
+    muon_momentum: float = arg(0.95, "Muon (Nesterov) momentum")
+    # evaluation
+    val_loss_every: int = arg(125, "validate every this many steps (0: only at the start and the end)")
+    val_tokens: int = arg(10485760, "validation tokens, the same ones each time")
+    # model
+    vocab_size: int = arg(50304, "vocabulary size (GPT-2's 50257 padded to a multiple of 128)")
+    n_layer: int = arg(12, "transformer blocks")
+    n_head: int = arg(6, "attention heads")
+    n_embd: int = arg(768, "model width")
+    # run control
+    save_every: int = arg(0, "checkpoint every this many steps (0: only at the end)")
+    log_dir: str = arg("logs", "where run logs and checkpoints go")
+    seed: int = arg(-1, "random seed for the initialisation (-1: draw one; it is written in the log)")
+    dtype: typing.Literal["auto", "bfloat16", "float32"] = arg(
+        "auto", "compute precision: bf16 autocast and Newton-Schulz (auto: bfloat16 on CUDA, float32 on CPU)")
+    compile: typing.Optional[bool] = arg(None, "torch.compile the model (default: on with CUDA, off on CPU)")
+    check_only: bool = arg(False, "check the flags, the data and the checkpoint, then exit without training")
+
+
+class ConfigError(ValueError):
+    """Bad flags or inputs; the message is one line that names the culprit and the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train GPT-2 small (optionally with a Mixture-of-Experts MLP) on FineWeb; "
+        "the defaults reproduce the 2024-11-03 speedrun record.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(Hyperparameters)
+    for f in fields(Hyperparameters):
+        hint, kwargs = hints[f.name], dict(default=f.default, help=f.metadata["help"])
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs.update(choices=typing.get_args(hint), type=str)
+        elif hint in (bool, typing.Optional[bool]):
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        else:
+            kwargs.update(type=hint, metavar=hint.__name__.upper())
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    return Hyperparameters(**vars(build_parser().parse_args(argv)))
+
+
+def check_args(args: Hyperparameters, world_size: int) -> None:
+    """Reject flags that cannot work, before any work starts."""
+    for name in ["batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens",
+                 "vocab_size", "n_layer", "n_head", "n_embd"]:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["warmup_iters", "warmdown_iters", "val_loss_every", "save_every"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ["embed_lr", "head_lr", "muon_lr"]:
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup_iters + args.warmdown_iters > args.num_iterations:
+        raise ConfigError(f"--warmup_iters {args.warmup_iters} + --warmdown_iters {args.warmdown_iters} exceed "
+                          f"--num_iterations {args.num_iterations}; lower them or train longer")
+    per_step = args.device_batch_size * world_size
+    if args.batch_size % per_step:
+        raise ConfigError(f"--batch_size {args.batch_size} is not a multiple of --device_batch_size "
+                          f"{args.device_batch_size} x {world_size} ranks = {per_step}; pick a batch_size "
+                          f"that is, or change device_batch_size")
+    val_chunk = per_step * args.sequence_length
+    if args.val_tokens % val_chunk:
+        raise ConfigError(f"--val_tokens {args.val_tokens} is not a multiple of device_batch_size x "
+                          f"sequence_length x {world_size} ranks = {val_chunk}; use "
+                          f"{max(1, args.val_tokens // val_chunk) * val_chunk}")
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
+        raise ConfigError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
+    if args.vocab_size > 65536:
+        raise ConfigError(f"--vocab_size {args.vocab_size} does not fit the shards' uint16 tokens (max 65536)")
+
+# -----------------------------------------------------------------------------
+# Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al.)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalise G, or each matrix of a stack G[..., rows, cols], on its own.
+
+    A quintic Newton-Schulz iteration whose coefficients maximise the slope at zero: the result is not
+    exactly U V^T but U S' V^T with S' roughly uniform in [0.7, 1.2], which does not hurt training.
+    """
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.to(dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: SGD-momentum whose update is orthogonalised by Newton-Schulz, for 2-D (or stacked 3-D) weights.
+
+    Distributed as in the record: matrix i of a group is orthogonalised on rank i % world_size, the
+    updates are summed across ranks in one flat buffer, and every rank applies all of them. For a
+    stack of experts [E, rows, cols] the iteration, its normalisation and the scale are per expert.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
+                 ns_dtype=torch.bfloat16, rank=None, world_size=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        self.ns_dtype = ns_dtype
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank computes the update of the group's index-th matrix."""
+        return index % self.world_size == self.rank
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if self.owns(i):
+                    if p.grad is None:
+                        raise RuntimeError(f"Muon: parameter {i} of shape {tuple(p.shape)} has no gradient")
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"], dtype=self.ns_dtype)
+                    g *= max(1, g.size(-2) / g.size(-1)) ** 0.5
+                    updates[offset:offset + p.numel()] = g.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset:offset + p.numel()].view_as(p).type_as(p), alpha=-group["lr"])
+                offset += p.numel()
+
+# -----------------------------------------------------------------------------
+# Model: rotary embedding, attention, MLP, GPT
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al.), half-split layout: channel i pairs with i + head_dim/2."""
+
+    def __init__(self, dim: int, base: float = 10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], 3)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj.weight.data.zero_()  # zero init suggested by @Grad62304977
+        self.rotary = Rotary(self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))  # QK norm, @Grad62304977
+        cos, sin = self.rotary(q)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view_as(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_proj.weight.data.zero_()  # zero init suggested by @Grad62304977
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ReLU^2 (So et al. 2021): ~1-2% better than GELU; suggested by @SKYLINEZ007 and @Grad62304977
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # head dim 128 suggested by @Grad62304977
+    n_embd: int = 768
+
+    @classmethod
+    def from_args(cls, args: Hyperparameters) -> GPTConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        self.lm_head.weight.data.zero_()  # @Grad62304977: the loss at step 0 is exactly ln(vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of predicting targets (-1 is ignored) from idx, both [B, T]."""
+        x = F.rms_norm(self.transformer.wte(idx), (self.config.n_embd,))  # @Grad62304977
+        for block in self.transformer.h:
+            x = block(x)
+        x = F.rms_norm(x, (self.config.n_embd,))
+        logits = self.lm_head(x).float()  # the loss in fp32
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+# -----------------------------------------------------------------------------
+# Data loader: shards of uint16 GPT-2 tokens behind a 256-word int32 header
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+DOWNLOAD_HINT = "python data/cached_fineweb10B.py"
+
+
+class ShardError(ValueError):
+    """A shard that is missing or malformed; the message names the file and the fix."""
+
+
+def read_shard_header(path: str) -> int:
+    """Check a shard's header against its size; return its token count."""
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: no such shard; download the data with `{DOWNLOAD_HINT}`")
+    size = os.path.getsize(path)
+    if size < HEADER_WORDS * 4:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_WORDS * 4}-byte header; "
+                         f"delete it and download it again")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}; regenerate the shard")
+    num_tokens = int(header[2])
+    if size != HEADER_WORDS * 4 + 2 * num_tokens:
+        raise ShardError(f"{path}: header says {num_tokens} tokens ({HEADER_WORDS * 4 + 2 * num_tokens} bytes) "
+                         f"but the file has {size} bytes; delete it and download it again")
+    return num_tokens
+
+
+def load_shard(path: str) -> np.ndarray:
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(num_tokens,))
+
+
+def write_shard(path: str, tokens) -> None:
+    """Write tokens (ints < 65536) as a shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ValueError("shard tokens must lie in [0, 65536)")
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+class DistributedDataLoader:
+    """Reads [B, T] batches from sorted shards: rank r takes B*T+1 tokens at offset r*B*T of each global
+    chunk of B*T*world tokens. All ranks move to the next shard (cyclically) together, when the next global
+    chunk would not fit; the record's loader let ranks with high offsets advance one chunk early."""
+
+    def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int, num_processes: int,
+                 device: str | torch.device = "cpu"):
+        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
+        self.device = torch.device(device)
+        self.files = sorted(glob.glob(filename_pattern))
+        if not self.files:
+            raise ShardError(f"{filename_pattern}: no shard matches; download the data with `{DOWNLOAD_HINT}`")
+        self.chunk = B * T * num_processes
+        self.shard_tokens = []
+        for path in self.files:
+            num_tokens = read_shard_header(path)
+            if num_tokens < self.chunk + 1:
+                raise ShardError(f"{path}: {num_tokens} tokens are fewer than one batch needs "
+                                 f"({B} x {T} x {num_processes} ranks + 1 = {self.chunk + 1})")
+            self.shard_tokens.append(num_tokens)
+        self.reset()
+
+    def batches_per_pass(self) -> int:
+        """Global batches in one pass over all shards, before the loader wraps around."""
+        return sum((n - 1) // self.chunk for n in self.shard_tokens)
+
+    def reset(self):
+        self.load_state_dict(dict(shard=0, position=0))
+
+    def state_dict(self) -> dict:
+        return dict(shard=self.current_shard, position=self.current_position)
+
+    def load_state_dict(self, state: dict):
+        self.current_shard, self.current_position = state["shard"], state["position"]
+        self.tokens = load_shard(self.files[self.current_shard])
+
+    def advance(self):
+        self.load_state_dict(dict(shard=(self.current_shard + 1) % len(self.files), position=0))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.current_position + self.rank * self.B * self.T
+        buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+        self.current_position += self.chunk
+        if self.current_position + self.chunk + 1 > len(self.tokens):
+            self.advance()
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+# -----------------------------------------------------------------------------
+# Main: the distributed training loop
+
+
+def get_lr_multiplier(it: int, args: Hyperparameters) -> float:
+    """No warmup by default, constant, then linear warmdown to zero (the record's schedule)."""
+    if it < args.warmup_iters:
+        return (it + 1) / args.warmup_iters
+    if it < args.num_iterations - args.warmdown_iters:
+        return 1.0
+    return (args.num_iterations - it) / args.warmdown_iters
+
+
+def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype) -> list[torch.optim.Optimizer]:
+    fused = dict(fused=True) if model.lm_head.weight.is_cuda else {}
+    return [
+        torch.optim.Adam([model.transformer.wte.weight], lr=args.embed_lr, betas=(0.9, 0.95), **fused),
+        torch.optim.Adam([model.lm_head.weight], lr=args.head_lr, betas=(0.9, 0.95), **fused),
+        Muon(model.transformer.h.parameters(), lr=args.muon_lr, momentum=args.muon_momentum, ns_dtype=ns_dtype),
+    ]
+
+
+def check_inputs(args: Hyperparameters, world_size: int) -> None:
+    """Check the shards before training: each problem is a one-line ConfigError."""
+    for pattern in (args.input_bin, args.input_val_bin):
+        try:
+            DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, world_size)
+        except ShardError as e:
+            raise ConfigError(str(e)) from None
+
+
+def log_header(code: str) -> str:
+    """The log begins with the source, then the versions and nvidia-smi, each part fenced."""
+    fence = "=" * 100 + "\n"
+    try:
+        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
+    except OSError:
+        smi = "nvidia-smi: not available\n"
+    return (fence + code + ("" if code.endswith("\n") else "\n") + fence
+            + f"Running pytorch {torch.version.__version__} compiled for CUDA {torch.version.cuda}\n"
+            + f"nvidia-smi:\n{smi}\n" + fence)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        check_args(args, world_size)
+        check_inputs(args, world_size)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.check_only:
+        if rank == 0:
+            print(f"ok: the flags and data check out for {world_size} rank(s)")
+        return
+
+    # distributed setup: NCCL on GPUs, gloo on CPU; plain single process without torchrun
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # cuDNN attention, as in the record (flash attention stays on as a fallback)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    master_process = rank == 0
+    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    compile_model = use_cuda if args.compile is None else args.compile
+
+    # the same random seed on every rank (DDP also broadcasts rank 0's parameters)
+    seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+    if distributed:
+        seed_tensor = torch.tensor([seed], device=device)
+        dist.broadcast(seed_tensor, src=0)
+        seed = int(seed_tensor.item())
+    torch.manual_seed(seed)
+
+    # logging: the log is the record, so it begins with this file's source
+    run_id = str(uuid.uuid4())
+    logfile = os.path.join(args.log_dir, f"{run_id}.txt")
+    code = open(os.path.abspath(__file__)).read()
+    if master_process:
+        os.makedirs(os.path.join(args.log_dir, run_id), exist_ok=True)
+        with open(logfile, "w") as f:
+            f.write(log_header(code))
+
+    def print0(s: str, console: bool = True):
+        if master_process:
+            if console:
+                print(s, flush=True)
+            with open(logfile, "a") as f:
+                f.write(s + "\n")
+
+    print0(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
+    print0(f"seed:{seed} world_size:{world_size} device:{device.type} dtype:{str(dtype)[6:]} compile:{compile_model}")
+
+    B, T = args.device_batch_size, args.sequence_length
+    train_accumulation_steps = args.batch_size // (B * world_size)
+    val_steps = args.val_tokens // (B * T * world_size)
+    train_loader = DistributedDataLoader(args.input_bin, B, T, rank, world_size, device)
+    val_loader = DistributedDataLoader(args.input_val_bin, B, T, rank, world_size, device)
+    print0(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
+           f"validation: {sum(val_loader.shard_tokens):,} tokens")
+    if train_loader.batches_per_pass() < args.num_iterations * train_accumulation_steps:
+        print0(f"warning: the training shards hold {train_loader.batches_per_pass() // train_accumulation_steps} "
+               f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
+               f"the first shard (download more shards to avoid it)")
+
+    raw_model = GPT(GPTConfig.from_args(args)).to(device)
+    model = torch.compile(raw_model) if compile_model else raw_model
+    if distributed:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    optimizers = make_optimizers(raw_model, args, dtype)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
+                  for opt in optimizers]
+
+    def validate() -> float:
+        model.eval()
+        val_loader.reset()
+        val_loss = torch.zeros((), device=device)
+        with torch.no_grad():
+            for _ in range(val_steps):
+                x_val, y_val = val_loader.next_batch()
+                with autocast:
+                    val_loss += model(x_val, y_val)
+        if distributed:
+            dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
+        return val_loss.item() / (val_steps * world_size)
+
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    # the clock: the first 10 steps (compilation) and all validation and checkpointing are excluded
+    training_time_ms, t0 = 0.0, time.perf_counter()
+    timing_from = 10
+    # record quirk fixed: the record fetched a batch before resetting the loader, so trained the first one twice
+    train_loader.reset()
+    for step in range(args.num_iterations + 1):
+        last_step = step == args.num_iterations
+        if step == timing_from:
+            sync()
+            training_time_ms, t0 = 0.0, time.perf_counter()
+        timed_steps = step - timing_from  # steps whose time is on the clock, once they are done
+
+        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            sync()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = validate()
+            print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
+                   f"step_avg:{training_time_ms / timed_steps if timed_steps > 0 else float('nan'):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+
+        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > 0):
+            sync()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            if master_process:
+                path = os.path.join(args.log_dir, run_id, f"state_step{step:06d}.pt")
+                torch.save(dict(step=step, code=code, args=dataclasses.asdict(args), model=raw_model.state_dict(),
+                                train_loader=train_loader.state_dict()), path)
+            sync()
+            t0 = time.perf_counter()
+
+        if last_step:
+            break
+
+        # --------------- TRAINING SECTION BEGIN -----------------
+        model.train()
+        train_loss = torch.zeros((), device=device)
+        for micro_step in range(train_accumulation_steps):
+            # record quirk fixed: no_sync must wrap the forward too, not only backward()
+            syncing = not distributed or micro_step == train_accumulation_steps - 1
+            x, y = train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
+            with contextlib.nullcontext() if syncing else model.no_sync():
+                with autocast:
+                    loss = model(x, y)
+                (loss / train_accumulation_steps).backward()
+            train_loss += loss.detach()
+        for opt, sched in zip(optimizers, schedulers):
+            opt.step()
+            sched.step()
+        model.zero_grad(set_to_none=True)
+        # --------------- TRAINING SECTION END -------------------
+
+        # the train loss is averaged over micro-batches and ranks (the record logged rank 0's last micro-batch)
+        if distributed:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+        train_loss = train_loss.item() / (train_accumulation_steps * world_size)
+        approx_time = training_time_ms + 1000 * (time.perf_counter() - t0)
+        done = timed_steps + 1
+        print0(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{approx_time:.0f}ms "
+               f"step_avg:{approx_time / done if done > 0 else float('nan'):.2f}ms")
+
+    if use_cuda:
+        print0(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
+    if distributed:
+        dist.barrier()  # rank 0 may still be writing the checkpoint; gloo aborts if a peer leaves early
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
