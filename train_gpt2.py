@@ -60,6 +60,14 @@ class Hyperparameters:
     n_layer: int = arg(12, "transformer blocks")
     n_head: int = arg(6, "attention heads")
     n_embd: int = arg(768, "model width")
+    # mixture of experts (num_experts 1 is the dense MLP)
+    num_experts: int = arg(1, "experts per MLP, each of the dense MLP's shape (1: the dense model)")
+    top_k: int = arg(1, "experts per token")
+    router: typing.Literal["learned", "hash"] = arg("learned", "learned: a linear router; hash: token id mod E")
+    router_gate: typing.Literal["renorm", "prob"] = arg(
+        "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities")
+    null_expert_bias: float = arg(0.0, "b in the renorm gate p / (sum of chosen p + b)")
+    aux_loss_coef: float = arg(0.0, "weight of the Switch balance loss, summed over layers (training only)")
     # run control
     save_every: int = arg(0, "checkpoint every this many steps (0: only at the end)")
     log_dir: str = arg("logs", "where run logs and checkpoints go")
@@ -68,6 +76,8 @@ class Hyperparameters:
         "auto", "compute precision: bf16 autocast and Newton-Schulz (auto: bfloat16 on CUDA, float32 on CPU)")
     compile: typing.Optional[bool] = arg(None, "torch.compile the model (default: on with CUDA, off on CPU)")
     check_only: bool = arg(False, "check the flags, the data and the checkpoint, then exit without training")
+    wandb: bool = arg(False, "also send the metrics to Weights & Biases (needs the wandb package)")
+    wandb_project: str = arg("modded-nanogpt-moe", "Weights & Biases project")
 
 
 class ConfigError(ValueError):
@@ -125,6 +135,23 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
     if args.vocab_size > 65536:
         raise ConfigError(f"--vocab_size {args.vocab_size} does not fit the shards' uint16 tokens (max 65536)")
+    if args.num_experts < 1:
+        raise ConfigError(f"--num_experts must be >= 1, got {args.num_experts}")
+    if not 1 <= args.top_k <= args.num_experts:
+        raise ConfigError(f"--top_k {args.top_k} must lie in [1, --num_experts {args.num_experts}]")
+    if args.router == "hash" and args.top_k != 1:
+        raise ConfigError(f"--router hash sends each token to one expert; use --top_k 1, not {args.top_k}")
+    if args.router == "hash" and args.aux_loss_coef:
+        raise ConfigError("--router hash has no probabilities to balance; use --aux_loss_coef 0")
+    if args.aux_loss_coef < 0:
+        raise ConfigError(f"--aux_loss_coef must be >= 0, got {args.aux_loss_coef}")
+    if args.null_expert_bias < 0 or (args.null_expert_bias and args.router_gate != "renorm"):
+        raise ConfigError(f"--null_expert_bias {args.null_expert_bias}: needs a value >= 0 and --router_gate renorm")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
 
 # -----------------------------------------------------------------------------
 # Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al.)
@@ -256,15 +283,107 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+# grouped GEMM: one kernel for all experts over their contiguous runs of rows (CUTLASS on sm90 in bf16)
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] of x [N, in] times weight[g].T, for stacked weights [E, out, in]."""
+    if grouped_mm is not None and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
+        return grouped_mm(x, weight.mT, offs=offs)
+    # torch.compile traces grouped_mm in bf16 only: for float32, every expert multiplies every row and each
+    # row keeps its own expert's result (E x the FLOPs, but no host sync and no data-dependent shape)
+    rows = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True).unsqueeze(1)
+    return sum((group == g) * (x @ weight[g].mT) for g in range(weight.size(0)))
+
+
+class Router(nn.Module):
+    """Chooses top_k of num_experts for each token, and the gate that weights each chosen expert's output.
+
+    learned: softmax over a bias-free linear map of the token, in float32 whatever the autocast dtype.
+    hash: token id mod num_experts, gate 1, no parameters (Roller et al. 2021).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.kind, self.gate_kind, self.null_expert_bias = config.router, config.router_gate, config.null_expert_bias
+        if self.kind == "learned":
+            self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
+            nn.init.uniform_(self.weight, -config.n_embd ** -0.5, config.n_embd ** -0.5)  # nn.Linear's init
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """x [N, C], idx [N] token ids -> experts [N, top_k], gates [N, top_k] (float32), statistics."""
+        if self.kind == "hash":
+            experts = (idx % self.num_experts).unsqueeze(1)
+            zero = x.new_zeros((), dtype=torch.float32)
+            return experts, torch.ones(experts.shape, device=x.device), dict(
+                prob=x.new_zeros(self.num_experts, dtype=torch.float32), entropy=zero, z=zero)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        chosen, experts = probs.topk(self.top_k, dim=-1)
+        if self.gate_kind == "renorm":  # p / (sum of chosen p + b): for top-1 with b = 0, exactly 1
+            total = chosen.sum(dim=-1, keepdim=True) + self.null_expert_bias
+            # written as 1 - (total - p) / total so that top-1 with b = 0 also has an exactly zero gradient:
+            # plain p / p leaves ~1e-9 of rounding noise, which Muon's normalisation would turn into full-size
+            # random router updates when nothing else (no balance loss) trains the router
+            gates = 1 - (total - chosen) / total
+        else:  # prob (Switch Transformer): the cross-entropy reaches the router through the gate
+            gates = chosen
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean() / math.log(self.num_experts)
+        z = logits.logsumexp(dim=-1).square().mean()
+        return experts, gates, dict(prob=probs.mean(0), entropy=entropy, z=z)
+
+
+class MoE(nn.Module):
+    """num_experts MLPs of the dense shape, top_k per token, dropless; one grouped GEMM per projection.
+
+    Tokens are ordered by a stable sort of their expert id, counted per expert on the device, multiplied by
+    their experts' weights in one grouped GEMM per projection, then scattered back through the inverse
+    permutation and weighted by the gate. Nothing here reads a value back to the host, so the block compiles
+    with fullgraph=True, and every expert is in every step's graph (a zero gradient if it saw no token).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        E, C = config.num_experts, config.n_embd
+        self.num_experts, self.top_k = E, config.top_k
+        self.router = Router(config)
+        # stacked [E, out, in] like nn.Linear weights, initialised like the dense MLP's
+        self.c_fc = nn.Parameter(torch.empty(E, 4 * C, C).uniform_(-C ** -0.5, C ** -0.5))
+        self.c_proj = nn.Parameter(torch.zeros(E, C, 4 * C))  # zero init, as the dense MLP
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        experts, gates, stats = self.router(x, idx.reshape(B * T))
+        flat = experts.flatten()  # token n's j-th choice sits at n * top_k + j
+        order = torch.argsort(flat, stable=True)
+        load = (flat.unsqueeze(1) == torch.arange(self.num_experts, device=x.device)).sum(0)
+        offs = load.cumsum(0).to(torch.int32)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = expert_matmul(x[order // self.top_k].to(dtype), self.c_fc.to(dtype), offs)
+        h = expert_matmul(F.relu(h).square(), self.c_proj.to(dtype), offs)
+        y = torch.index_copy(torch.empty_like(h), 0, order, h)  # back to token order
+        y = (y.view(B * T, self.top_k, C) * gates.unsqueeze(-1).to(dtype)).sum(1)
+        return y.view(B, T, C), dict(load=load.float(), gate=gates.mean(), **stats)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.attn = CausalSelfAttention(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if config.num_experts == 1 else MoE(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
-        return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+        h = F.rms_norm(x, (x.size(-1),))
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(h, idx)
+            return x + y, stats
+        return x + self.mlp(h), None
 
 
 @dataclass
@@ -273,6 +392,11 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 6  # head dim 128 suggested by @Grad62304977
     n_embd: int = 768
+    num_experts: int = 1
+    top_k: int = 1
+    router: str = "learned"
+    router_gate: str = "renorm"
+    null_expert_bias: float = 0.0
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> GPTConfig:
@@ -290,14 +414,28 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
         self.lm_head.weight.data.zero_()  # @Grad62304977: the loss at step 0 is exactly ln(vocab_size)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of predicting targets (-1 is ignored) from idx, both [B, T]."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Mean cross-entropy of predicting targets (-1 is ignored) from idx, both [B, T], and the MoE layers'
+        router statistics stacked over layers ({} for the dense model): load [L, E] (tokens per expert),
+        prob [L, E] (mean router probability), entropy, z (mean squared logsumexp) and gate (mean) [L]."""
         x = F.rms_norm(self.transformer.wte(idx), (self.config.n_embd,))  # @Grad62304977
+        layer_stats = []
         for block in self.transformer.h:
-            x = block(x)
+            x, stats = block(x, idx)
+            if stats is not None:
+                layer_stats.append(stats)
         x = F.rms_norm(x, (self.config.n_embd,))
         logits = self.lm_head(x).float()  # the loss in fp32
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return loss, {k: torch.stack([s[k] for s in layer_stats]) for k in (layer_stats[0] if layer_stats else {})}
+
+
+def balance_loss(load: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss E * sum_i f_i P_i, summed over layers: f_i is the fraction of
+    assignments routed to expert i (no gradient), P_i its mean router probability. 1 per layer when uniform."""
+    fraction = load / load.sum(dim=-1, keepdim=True)
+    return load.size(-1) * (fraction * prob).sum()
+
 
 # -----------------------------------------------------------------------------
 # Data loader: shards of uint16 GPT-2 tokens behind a 256-word int32 header
@@ -429,6 +567,43 @@ def check_inputs(args: Hyperparameters, world_size: int) -> None:
             raise ConfigError(str(e)) from None
 
 
+def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[list[float], list[float]]:
+    """Per-layer norms of the router weights' gradients from the cross-entropy alone and from the balance loss
+    alone, on one probe batch (eager, outside DDP: it neither touches .grad nor syncs ranks)."""
+    routers = [block.mlp.router.weight for block in model.transformer.h]
+    with autocast:
+        loss, stats = model(x, y)
+        balance = balance_loss(stats["load"], stats["prob"])
+    from_ce = torch.autograd.grad(loss, routers, retain_graph=True)
+    from_balance = torch.autograd.grad(balance, routers)
+    return [g.norm().item() for g in from_ce], [g.norm().item() for g in from_balance]
+
+
+def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor, entropy: torch.Tensor,
+                  grad_norms: tuple[list[float], list[float]] | None) -> list[str]:
+    """One log line per MoE layer (key:value fields, vectors comma-separated), then a warning line for each
+    layer and expert whose validation load fell below a quarter of uniform."""
+    def fractions(load):
+        return load / load.sum(dim=-1, keepdim=True).clamp_min(1)
+
+    def vector(v):
+        return ",".join(f"{x:.4f}" for x in v.tolist())
+
+    train_frac, val_frac = fractions(train_load), fractions(val_load)
+    lines = []
+    for layer in range(val_load.size(0)):
+        fields_ = [f"train_load:{vector(train_frac[layer])}", f"val_load:{vector(val_frac[layer])}"]
+        if grad_norms is not None:  # learned routers
+            fields_ += [f"entropy:{entropy[layer].item():.4f}", f"ce_grad_norm:{grad_norms[0][layer]:.3e}",
+                        f"balance_grad_norm:{grad_norms[1][layer]:.3e}"]
+        lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
+    floor = 0.25 / val_load.size(1)
+    for layer, expert in (val_frac < floor).nonzero().tolist():
+        lines.append(f"{prefix} warning: layer {layer} expert {expert} val_load {val_frac[layer, expert].item():.4f} "
+                     f"is below a quarter of uniform ({floor:.4f})")
+    return lines
+
+
 def log_header(code: str) -> str:
     """The log begins with the source, then the versions and nvidia-smi, each part fenced."""
     fence = "=" * 100 + "\n"
@@ -523,18 +698,69 @@ def main(argv=None):
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
                   for opt in optimizers]
 
-    def validate() -> float:
+    wandb_run = None
+    if master_process and args.wandb:
+        import wandb
+        wandb_run = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args))
+
+    moe = args.num_experts > 1
+    learned_router = moe and args.router == "learned"
+    train_load = torch.zeros(args.n_layer, args.num_experts, device=device)  # routed tokens since the last val
+
+    def objective(loss: torch.Tensor, stats: dict) -> torch.Tensor:
+        if learned_router and args.aux_loss_coef:
+            loss = loss + args.aux_loss_coef * balance_loss(stats["load"], stats["prob"])
+        return loss
+
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        if distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def validate() -> tuple[float, dict]:
         model.eval()
         val_loader.reset()
         val_loss = torch.zeros((), device=device)
+        val_load = torch.zeros(args.n_layer, args.num_experts, device=device)
+        entropy = torch.zeros(args.n_layer, device=device)
         with torch.no_grad():
             for _ in range(val_steps):
                 x_val, y_val = val_loader.next_batch()
                 with autocast:
-                    val_loss += model(x_val, y_val)
-        if distributed:
-            dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
-        return val_loss.item() / (val_steps * world_size)
+                    loss, stats = model(x_val, y_val)
+                val_loss += loss
+                if moe:
+                    val_load += stats["load"]
+                    entropy += stats["entropy"]
+        count = val_steps * world_size
+        return all_reduce_sum(val_loss).item() / count, dict(load=all_reduce_sum(val_load),
+                                                              entropy=all_reduce_sum(entropy) / count)
+
+    def report_routers(step: int, val_stats: dict):
+        """Router diagnostics at a validation (MoE runs, outside the timed region)."""
+        load = all_reduce_sum(train_load.clone())
+        train_load.zero_()
+        if not master_process:
+            return
+        grad_norms = None
+        if learned_router:
+            val_loader.reset()
+            x_probe, y_probe = val_loader.next_batch()
+            probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
+            grad_norms = router_grad_norms(raw_model, x_probe[:probe], y_probe[:probe], autocast)
+        for line in router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"],
+                                  val_stats["entropy"], grad_norms):
+            print0(line, console="warning" in line)
+        if wandb_run:
+            val_frac = val_stats["load"] / val_stats["load"].sum(-1, keepdim=True)
+            metrics = {f"router/layer{l}/val_load_expert{e}": val_frac[l, e].item()
+                       for l in range(args.n_layer) for e in range(args.num_experts)}
+            if grad_norms is not None:
+                for l in range(args.n_layer):
+                    metrics[f"router/layer{l}/entropy"] = val_stats["entropy"][l].item()
+                    metrics[f"router/layer{l}/ce_grad_norm"] = grad_norms[0][l]
+                    metrics[f"router/layer{l}/balance_grad_norm"] = grad_norms[1][l]
+            wandb_run.log(metrics, step=step)
 
     def sync():
         if use_cuda:
@@ -555,9 +781,13 @@ def main(argv=None):
         if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync()
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = validate()
+            val_loss, val_stats = validate()
             print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                    f"step_avg:{training_time_ms / timed_steps if timed_steps > 0 else float('nan'):.2f}ms")
+            if wandb_run:
+                wandb_run.log(dict(val_loss=val_loss), step=step)
+            if moe:
+                report_routers(step, val_stats)
             sync()
             t0 = time.perf_counter()
 
@@ -583,9 +813,11 @@ def main(argv=None):
             x, y = train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
             with contextlib.nullcontext() if syncing else model.no_sync():
                 with autocast:
-                    loss = model(x, y)
-                (loss / train_accumulation_steps).backward()
+                    loss, stats = model(x, y)
+                (objective(loss, stats) / train_accumulation_steps).backward()
             train_loss += loss.detach()
+            if moe:
+                train_load += stats["load"].detach()
         for opt, sched in zip(optimizers, schedulers):
             opt.step()
             sched.step()
@@ -600,12 +832,16 @@ def main(argv=None):
         done = timed_steps + 1
         print0(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{approx_time:.0f}ms "
                f"step_avg:{approx_time / done if done > 0 else float('nan'):.2f}ms")
+        if wandb_run:
+            wandb_run.log(dict(train_loss=train_loss), step=step + 1)
 
     if use_cuda:
         print0(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
     if distributed:
         dist.barrier()  # rank 0 may still be writing the checkpoint; gloo aborts if a peer leaves early
         dist.destroy_process_group()
+    if wandb_run:
+        wandb_run.finish()
 
 
 if __name__ == "__main__":

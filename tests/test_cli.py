@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 from dataclasses import fields
@@ -58,6 +59,14 @@ BAD_INPUTS = [
     (["--dtype", "fp16"], 1, "argument --dtype: invalid choice: 'fp16'"),
     (["--num_iterations", "ten"], 1, "argument --num_iterations: invalid int value: 'ten'"),
     (["--no_such_flag", "1"], 1, "unrecognized arguments: --no_such_flag"),
+    (["--num_experts", "0"], 1, "--num_experts must be >= 1, got 0"),
+    (["--num_experts", "4", "--top_k", "5"], 1, "--top_k 5 must lie in [1, --num_experts 4]"),
+    (["--num_experts", "4", "--router", "hash", "--top_k", "2"], 1, "--router hash sends each token to one expert"),
+    (["--num_experts", "4", "--router", "hash", "--aux_loss_coef", "0.01"], 1, "use --aux_loss_coef 0"),
+    (["--num_experts", "4", "--router", "random"], 1, "argument --router: invalid choice: 'random'"),
+    (["--num_experts", "4", "--router_gate", "prob", "--null_expert_bias", "10"], 1,
+     "--null_expert_bias 10.0: needs a value >= 0 and --router_gate renorm"),
+    (["--aux_loss_coef", "-1"], 1, "--aux_loss_coef must be >= 0, got -1.0"),
 ]
 
 
@@ -82,3 +91,11 @@ def test_good_flags_pass_the_check(shards):
     result = check([*TINY, *data_flags(shards), "--num_iterations", "10", "--warmdown_iters", "2"])
     assert result.returncode == 0, result.stderr
     assert "ok:" in result.stdout
+
+
+def test_wandb_without_the_package_says_how_to_get_it(shards):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here, so this error cannot occur")
+    result = check([*TINY, *data_flags(shards), "--wandb"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --wandb needs the wandb package: pip install wandb (or drop --wandb)"

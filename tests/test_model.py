@@ -12,14 +12,15 @@ def test_loss_at_init_is_ln_vocab_exactly():
     torch.manual_seed(0)
     model = GPT(SMALL)
     idx = torch.randint(0, SMALL.vocab_size, (3, 16))
-    loss = model(idx, torch.randint(0, SMALL.vocab_size, (3, 16)))
+    loss, stats = model(idx, torch.randint(0, SMALL.vocab_size, (3, 16)))
+    assert stats == {}  # the dense model has no routers
     # the zero-initialised head makes every logit 0, so the loss is the log of the vocabulary size
     assert loss.item() == pytest.approx(math.log(SMALL.vocab_size), abs=1e-6)
 
 
 def test_full_size_loss_at_init_is_ln_50304():
     model = GPT(GPTConfig(n_layer=1))
-    loss = model(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+    loss, _ = model(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
     assert loss.item() == pytest.approx(10.8258, abs=1e-4)
 
 
@@ -40,7 +41,7 @@ def test_shapes():
     assert mlp.c_fc.weight.shape == (4 * SMALL.n_embd, SMALL.n_embd)
     cos, sin = Rotary(32)(torch.zeros(2, 10, 2, 32))
     assert cos.shape == sin.shape == (1, 10, 1, 16)
-    loss = GPT(SMALL)(torch.randint(0, 256, (2, 10)), torch.randint(0, 256, (2, 10)))
+    loss, _ = GPT(SMALL)(torch.randint(0, 256, (2, 10)), torch.randint(0, 256, (2, 10)))
     assert loss.shape == ()
 
 
@@ -52,7 +53,7 @@ def test_targets_of_minus_one_are_ignored():
     masked = targets.clone()
     masked[0, 4:] = -1
     # causal: the first four positions' logits see only the first four tokens
-    torch.testing.assert_close(model(idx, masked), model(idx[:, :4], targets[:, :4]))
+    torch.testing.assert_close(model(idx, masked)[0], model(idx[:, :4], targets[:, :4])[0])
 
 
 def test_rotary_rotates_channel_i_with_channel_i_plus_half():

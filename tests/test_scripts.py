@@ -30,3 +30,17 @@ def test_a_bad_flag_stops_before_launch_with_one_line(tmp_path):
         "error: --batch_size 12 is not a multiple of --device_batch_size 8 x 2 ranks = 16; "
         "pick a batch_size that is, or change device_batch_size")
     assert "torch.distributed" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_moe_smoke_run_learns_and_reports_routers(tmp_path):
+    result = launch("run_moe.sh", "--smoke", "--num_iterations", "40", "--warmdown_iters", "10",
+                    "--val_loss_every", "20", "--log_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, lines = run_log(tmp_path)
+    val = val_losses(lines)
+    assert abs(val[0] - 6.2383) < 1e-3 and val[40] < 3.0, val
+    hyper = next(l for l in lines if l.startswith("hyperparameters: "))
+    for setting in ["'num_experts': 4", "'top_k': 1", "'router': 'learned'", "'router_gate': 'renorm'",
+                    "'aux_loss_coef': 0.01", "'null_expert_bias': 0.0"]:
+        assert setting in hyper
+    assert len([l for l in lines if l.startswith("step:40/40 router layer:")]) == 2

@@ -27,4 +27,5 @@ if __name__ == "__main__":
     params = run_steps(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
         torch.save(params, sys.argv[1])
+    dist.barrier()  # gloo aborts if a peer tears down while rank 0 is still saving
     dist.destroy_process_group()

@@ -1,0 +1,242 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import LN_TINY_VOCAB, TINY, data_flags, run_log, torchrun, val_losses
+from train_gpt2 import GPT, MLP, GPTConfig, Hyperparameters, MoE, Muon, Router, balance_loss, expert_matmul
+
+C = 32
+
+
+def config(**kw) -> GPTConfig:
+    return GPTConfig(**{**dict(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=4), **kw})
+
+
+def randomise(moe: MoE):
+    """Non-zero output projections (they start at zero) so that every path carries a signal."""
+    torch.nn.init.normal_(moe.c_proj, std=0.05)
+    return moe
+
+
+def reference_moe(moe: MoE, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The seed's way: loop over tokens' chosen experts with plain matmuls."""
+    flat = x.reshape(-1, x.size(-1))
+    experts, gates, _ = moe.router(flat, idx.reshape(-1))
+    out = torch.zeros_like(flat)
+    for e in range(moe.num_experts):
+        for j in range(moe.top_k):
+            rows = experts[:, j] == e
+            h = F.relu(flat[rows] @ moe.c_fc[e].T).square() @ moe.c_proj[e].T
+            out = out.index_add(0, rows.nonzero().squeeze(1), h * gates[rows, j:j + 1])
+    return out.view_as(x)
+
+
+def starve_last_expert(moe: MoE):
+    """Inputs will be positive; a negative router row then never wins, even as a second choice."""
+    with torch.no_grad():
+        moe.router.weight[-1] = -1.0
+
+
+def test_one_expert_equals_the_dense_mlp():
+    torch.manual_seed(0)
+    moe, mlp = randomise(MoE(config(num_experts=1))), MLP(config())
+    with torch.no_grad():
+        mlp.c_fc.weight.copy_(moe.c_fc[0])
+        mlp.c_proj.weight.copy_(moe.c_proj[0])
+    x = torch.randn(2, 8, C)
+    torch.testing.assert_close(moe(x, torch.zeros(2, 8, dtype=torch.long))[0], mlp(x))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_identical_experts_equal_the_dense_mlp(top_k):
+    torch.manual_seed(0)
+    moe, mlp = MoE(config(top_k=top_k)), MLP(config())
+    torch.nn.init.normal_(mlp.c_proj.weight, std=0.05)
+    with torch.no_grad():
+        moe.c_fc.copy_(mlp.c_fc.weight.expand_as(moe.c_fc))
+        moe.c_proj.copy_(mlp.c_proj.weight.expand_as(moe.c_proj))
+    x = torch.randn(2, 8, C)
+    y, stats = moe(x, torch.zeros(2, 8, dtype=torch.long))
+    torch.testing.assert_close(y, mlp(x))  # renormalised gates sum to one
+    assert stats["load"].sum() == 2 * 8 * top_k
+
+
+@pytest.mark.parametrize("top_k, gate", [(1, "renorm"), (2, "renorm"), (1, "prob"), (2, "prob")])
+def test_outputs_and_gradients_equal_a_per_expert_loop(top_k, gate):
+    torch.manual_seed(0)
+    moe = randomise(MoE(config(top_k=top_k, router_gate=gate)))
+    starve_last_expert(moe)
+    x = torch.randn(3, 10, C).abs().requires_grad_()
+    idx = torch.zeros(3, 10, dtype=torch.long)
+    y, stats = moe(x, idx)
+    assert stats["load"][-1] == 0 and stats["load"].sum() == 30 * top_k  # one expert gets no token
+    y_ref = reference_moe(moe, x, idx)
+    torch.testing.assert_close(y, y_ref)
+    upstream = torch.randn_like(y)
+    params = [x, moe.c_fc, moe.c_proj, moe.router.weight]
+    grads = torch.autograd.grad(y, params, upstream)
+    grads_ref = torch.autograd.grad(y_ref, params, upstream)
+    for name, g, g_ref in zip(["x", "c_fc", "c_proj", "router"], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, msg=name, atol=1e-6, rtol=1e-5)
+    # the starved expert still gets a gradient, of zeros
+    assert torch.count_nonzero(grads[1][-1]) == 0 and torch.count_nonzero(grads[2][-1]) == 0
+    assert torch.count_nonzero(grads[1][0]) > 0
+
+
+def test_gates_renorm_prob_and_null_expert_bias():
+    torch.manual_seed(0)
+    x = torch.randn(16, C)
+    idx = torch.zeros(16, dtype=torch.long)
+    routers = {name: Router(config(**kw)) for name, kw in [
+        ("renorm1", dict()), ("renorm2", dict(top_k=2)), ("prob2", dict(top_k=2, router_gate="prob")),
+        ("null1", dict(null_expert_bias=10.0)), ("null2", dict(top_k=2, null_expert_bias=0.5))]}
+    weight = routers["renorm1"].weight
+    probs = (x @ weight.T).softmax(-1)
+    for r in routers.values():
+        r.weight.data.copy_(weight)
+    top1, top2 = probs.topk(1, -1).values, probs.topk(2, -1).values
+    assert torch.equal(routers["renorm1"](x, idx)[1], torch.ones(16, 1))
+    torch.testing.assert_close(routers["renorm2"](x, idx)[1], top2 / top2.sum(-1, keepdim=True))
+    torch.testing.assert_close(routers["prob2"](x, idx)[1], top2)
+    torch.testing.assert_close(routers["null1"](x, idx)[1], top1 / (top1 + 10.0))
+    torch.testing.assert_close(routers["null2"](x, idx)[1], top2 / (top2.sum(-1, keepdim=True) + 0.5))
+    experts = routers["renorm2"](x, idx)[0]
+    torch.testing.assert_close(experts, probs.topk(2, -1).indices)
+
+
+def test_renorm_top1_gives_the_router_exactly_zero_cross_entropy_gradient():
+    torch.manual_seed(0)
+    for gate, expect_zero in [("renorm", True), ("prob", False)]:
+        model = GPT(config(router_gate=gate))
+        for block in model.transformer.h:
+            randomise(block.mlp)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+        loss, _ = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+        grads = torch.autograd.grad(loss, [b.mlp.router.weight for b in model.transformer.h])
+        assert all((torch.count_nonzero(g) == 0) == expect_zero for g in grads), gate
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    router = Router(config(top_k=2, router_gate="prob"))
+    x = torch.randn(8, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, gates, stats = router(x, torch.zeros(8, dtype=torch.long))
+    assert gates.dtype == stats["prob"].dtype == torch.float32
+    torch.testing.assert_close(gates, (x @ router.weight.T).softmax(-1).topk(2, -1).values)
+
+
+def test_balance_loss_is_one_per_layer_for_a_uniform_router_and_E_when_collapsed():
+    E, L = 4, 3
+    uniform = torch.full((L, E), 0.25)
+    assert balance_loss(torch.full((L, E), 100.0), uniform).item() == pytest.approx(L)
+    # a router with zero weights has uniform probabilities; whatever it picks, the loss is 1 per layer
+    model = GPT(config(n_layer=L))
+    for block in model.transformer.h:
+        block.mlp.router.weight.data.zero_()
+    _, stats = model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    assert balance_loss(stats["load"], stats["prob"]).item() == pytest.approx(L)
+    collapsed = torch.zeros(L, E)
+    collapsed[:, 0] = 1.0
+    assert balance_loss(collapsed * 50, collapsed).item() == pytest.approx(L * E)
+
+
+def test_hash_router_sends_token_t_to_t_mod_E():
+    moe = randomise(MoE(config(router="hash")))
+    assert not list(moe.router.parameters())
+    idx = torch.arange(40).view(2, 20)
+    experts, gates, _ = moe.router(torch.randn(40, C), idx.view(-1))
+    assert torch.equal(experts.view(-1), torch.arange(40) % 4) and torch.equal(gates, torch.ones(40, 1))
+    _, stats = moe(torch.randn(2, 20, C), idx)
+    assert stats["load"].tolist() == [10.0, 10.0, 10.0, 10.0]
+
+
+def test_experts_are_initialised_like_the_dense_mlp():
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(n_embd=768, num_experts=4))
+    assert moe.c_fc.shape == (4, 3072, 768) and moe.c_proj.shape == (4, 768, 3072)
+    assert torch.count_nonzero(moe.c_proj) == 0
+    bound = 768 ** -0.5  # nn.Linear(768, 3072)'s uniform bound
+    assert moe.c_fc.abs().max() <= bound and moe.c_fc.abs().max() > 0.99 * bound
+    assert moe.c_fc.std().item() == pytest.approx(MLP(GPTConfig()).c_fc.weight.std().item(), rel=0.01)
+    assert not torch.equal(moe.c_fc[0], moe.c_fc[1])
+
+
+def test_muon_on_an_expert_stack_equals_muon_on_each_expert():
+    torch.manual_seed(0)
+    stack = torch.nn.Parameter(torch.randn(4, 24, 16))
+    singles = [torch.nn.Parameter(stack[e].detach().clone()) for e in range(4)]
+    stacked_opt = Muon([stack], lr=0.05, ns_dtype=torch.float32)
+    single_opt = Muon(singles, lr=0.05, ns_dtype=torch.float32)
+    for _ in range(3):
+        grad = torch.randn(4, 24, 16) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(4, 1, 1)  # norms differ
+        stack.grad = grad
+        for e, p in enumerate(singles):
+            p.grad = grad[e].clone()
+        stacked_opt.step()
+        single_opt.step()
+    for e in range(4):
+        torch.testing.assert_close(stack[e], singles[e], atol=1e-6, rtol=1e-6)
+
+
+def test_expert_matmul_matches_a_loop_including_empty_groups():
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 8), torch.randn(4, 6, 8)
+    offs = torch.tensor([3, 3, 8, 10], dtype=torch.int32)
+    bounds = [0, 3, 3, 8, 10]
+    expected = torch.cat([x[bounds[g]:bounds[g + 1]] @ w[g].T for g in range(4)])
+    torch.testing.assert_close(expert_matmul(x, w, offs), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_block_compiles_with_fullgraph(dtype):
+    """No host sync and no data-dependent Python in the block: dynamo traces it as one graph.
+    bf16 takes the grouped GEMM; float32 takes the masked fallback (grouped_mm traces in bf16 only)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = randomise(MoE(config(top_k=2, router_gate="prob"))).to(dtype)
+    starve_last_expert(moe)
+    x, idx = torch.randn(2, 16, C, dtype=dtype).abs(), torch.zeros(2, 16, dtype=torch.long)
+    compiled = torch.compile(moe, fullgraph=True)
+    y, stats = compiled(x, idx)
+    y_eager, _ = moe(x, idx)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y, y_eager, **tol)
+    y.float().square().sum().backward()
+    assert moe.c_fc.grad is not None and moe.router.weight.grad is not None
+    assert torch.count_nonzero(moe.c_fc.grad[-1]) == 0  # the starved expert: zero, but present
+
+
+@pytest.mark.parametrize("flags", [
+    ["--top_k", "1", "--router_gate", "renorm", "--aux_loss_coef", "0.01"],  # the seed's configuration
+    ["--top_k", "2", "--router_gate", "prob", "--aux_loss_coef", "0"],
+    ["--router", "hash"],
+], ids=["seed", "top2-prob", "hash"])
+def test_two_process_moe_run_learns(shards, tmp_path, flags):
+    """DDP without find_unused_parameters: it fails if any parameter misses a gradient in a step."""
+    args = [*TINY, *data_flags(shards), "--num_experts", "4", *flags, "--num_iterations", "40",
+            "--warmdown_iters", "10", "--val_loss_every", "20", "--log_dir", str(tmp_path)]
+    result = torchrun(2, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, lines = run_log(tmp_path)
+    val = val_losses(lines)
+    assert abs(val[0] - LN_TINY_VOCAB) < 1e-3 and val[40] < val[0] - 1.0, val
+    router_lines = [l for l in lines if l.startswith("step:") and " router layer:" in l]
+    assert len(router_lines) == 3 * 2  # three validations, two layers
+    fields = dict(f.split(":", 1) for f in router_lines[-1].split()[2:])
+    loads = [float(v) for v in fields["val_load"].split(",")]
+    assert len(loads) == 4 and math.isclose(sum(loads), 1.0, abs_tol=1e-3)
+    if "hash" in flags:
+        assert "entropy" not in fields
+    else:
+        assert 0 < float(fields["entropy"]) <= 1 and float(fields["balance_grad_norm"]) > 0
+        assert (float(fields["ce_grad_norm"]) == 0) == ("renorm" in flags)
+
+
+def test_moe_flags_default_to_the_dense_record():
+    a = Hyperparameters()
+    assert (a.num_experts, a.top_k, a.router, a.router_gate, a.null_expert_bias, a.aux_loss_coef) == \
+        (1, 1, "learned", "renorm", 0.0, 0.0)
+    assert all(not isinstance(b.mlp, MoE) for b in GPT(GPTConfig(n_layer=2)).transformer.h)
