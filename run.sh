@@ -32,4 +32,15 @@ fi
 
 # check the flags and the data first, so a typo costs one line and no launch
 WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" train_gpt2.py --check_only ${args[@]+"${args[@]}"} >/dev/null
-exec torchrun "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py ${args[@]+"${args[@]}"}
+# torchrun treats SIGTERM and SIGINT as fatal to itself and exits non-zero even when its workers stop
+# cleanly. So it runs in a session of its own (a terminal's Ctrl-C does not reach it) and this script hands
+# the signal to the workers, which agree, checkpoint at the next step boundary and exit 0.
+setsid torchrun "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py ${args[@]+"${args[@]}"} &
+launcher=$!
+trap 'pkill -TERM -P "$launcher" || true' TERM
+trap 'pkill -INT -P "$launcher" || true' INT
+while true; do
+  status=0
+  wait "$launcher" || status=$?
+  kill -0 "$launcher" 2>/dev/null || exit "$status"  # else a trapped signal interrupted the wait
+done

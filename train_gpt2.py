@@ -13,11 +13,13 @@ import dataclasses
 import glob
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
 import typing
 import uuid
+import zipfile
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -70,6 +72,8 @@ class Hyperparameters:
     aux_loss_coef: float = arg(0.0, "weight of the Switch balance loss, summed over layers (training only)")
     # run control
     save_every: int = arg(0, "checkpoint every this many steps (0: only at the end)")
+    keep_checkpoints: int = arg(0, "keep only the newest this many checkpoints of the run (0: keep all)")
+    resume: str = arg("", "continue from this checkpoint, or 'latest': the newest under --log_dir")
     log_dir: str = arg("logs", "where run logs and checkpoints go")
     seed: int = arg(-1, "random seed for the initialisation (-1: draw one; it is written in the log)")
     dtype: typing.Literal["auto", "bfloat16", "float32"] = arg(
@@ -112,7 +116,7 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
                  "vocab_size", "n_layer", "n_head", "n_embd"]:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["warmup_iters", "warmdown_iters", "val_loss_every", "save_every"]:
+    for name in ["warmup_iters", "warmdown_iters", "val_loss_every", "save_every", "keep_checkpoints"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ["embed_lr", "head_lr", "muon_lr"]:
@@ -222,6 +226,37 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 p.add_(updates[offset:offset + p.numel()].view_as(p).type_as(p), alpha=-group["lr"])
                 offset += p.numel()
+
+    def full_state_dict(self) -> dict:
+        """state_dict() with every matrix's momentum, each gathered from the rank that owns it. A collective:
+        every rank must call it. The result is the same whatever the world size, so a run can resume on
+        another number of GPUs."""
+        state = self.state_dict()
+        index = 0  # state_dict() numbers the parameters across groups in order
+        for group in self.param_groups:
+            params = group["params"]
+            momenta = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if self.owns(i) and "momentum_buffer" in self.state[p]:
+                    momenta[offset:offset + p.numel()] = self.state[p]["momentum_buffer"].flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(momenta, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                state["state"][index] = dict(momentum_buffer=momenta[offset:offset + p.numel()].view_as(p).clone())
+                offset += p.numel()
+                index += 1
+        return state
+
+    def load_state_dict(self, state_dict: dict):
+        """Load a full_state_dict(), keeping only the momenta of the matrices this rank owns."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if not self.owns(i):
+                    self.state.pop(p, None)
 
 # -----------------------------------------------------------------------------
 # Model: rotary embedding, attention, MLP, GPT
@@ -558,13 +593,104 @@ def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype) ->
     ]
 
 
+# the fields that fix the parameters' shapes: a checkpoint resumes only into the same ones
+SHAPE_FIELDS = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "router"]
+
+
+def resolve_checkpoint(resume: str, log_dir: str) -> str:
+    """--resume PATH as given, or 'latest': the most recently written checkpoint under log_dir/<run id>/."""
+    if resume != "latest":
+        return resume
+    found = glob.glob(os.path.join(log_dir, "*", "state_step*.pt"))
+    if not found:
+        raise ConfigError(f"--resume latest: no checkpoint (state_step*.pt) under {log_dir}/*/; give its path or "
+                          f"--log_dir")
+    return max(found, key=os.path.getmtime)
+
+
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Read a checkpoint to the CPU (tensors only: no code runs); a one-line ConfigError if it is unreadable."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {path}: no such file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at its very end
+        raise ConfigError(f"--resume {path}: truncated, or not a checkpoint (no zip directory at its end); "
+                          f"pick an earlier one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ConfigError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); pick an earlier one") from None
+    missing = {"step", "args", "model", "optimizers", "schedulers", "train_loader"} - set(state)
+    if missing:
+        raise ConfigError(f"--resume {path}: not a checkpoint of this trainer (missing {sorted(missing)})")
+    return state
+
+
+def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
+    differ = [f"{name} (checkpoint {checkpoint['args'].get(name)!r}, now {getattr(args, name)!r})"
+              for name in SHAPE_FIELDS if checkpoint["args"].get(name) != getattr(args, name)]
+    if differ:
+        raise ConfigError(f"--resume {path}: the model's shape differs in " + ", ".join(differ)
+                          + "; resume with the checkpoint's values")
+    if checkpoint["step"] > args.num_iterations:
+        raise ConfigError(f"--resume {path}: the checkpoint is at step {checkpoint['step']}, beyond "
+                          f"--num_iterations {args.num_iterations}")
+
+
 def check_inputs(args: Hyperparameters, world_size: int) -> None:
-    """Check the shards before training: each problem is a one-line ConfigError."""
+    """Check the shards and the checkpoint to resume from, before training: each problem is a one-line error."""
     for pattern in (args.input_bin, args.input_val_bin):
         try:
             DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, world_size)
         except ShardError as e:
             raise ConfigError(str(e)) from None
+    if args.resume:
+        path = resolve_checkpoint(args.resume, args.log_dir)
+        check_resume(args, load_checkpoint(path, mmap=True), path)
+
+
+def save_checkpoint(state: dict, path: str, keep: int) -> None:
+    """Write atomically (a temporary file, then a rename), so that a crash never leaves a broken checkpoint;
+    then delete all but the newest `keep` checkpoints of the run (0: keep all)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if keep > 0:
+        for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "state_step*.pt")))[:-keep]:
+            os.remove(old)
+
+
+class TrainClock:
+    """Training time in ms: it runs only while training, never during validation or checkpointing."""
+
+    def __init__(self, ms: float = 0.0, steps: int = 0, sync=lambda: None):
+        self.ms, self.steps, self.sync, self.t0 = ms, steps, sync, None  # steps: completed steps on the clock
+
+    def start(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.t0 is not None:
+            self.sync()
+            self.ms += 1000 * (time.perf_counter() - self.t0)
+            self.t0 = None
+
+    def elapsed_ms(self) -> float:
+        return self.ms + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+
+def diverged_hint(last_checkpoint: str | None) -> str:
+    if last_checkpoint is None:
+        return "no checkpoint was written before it; lower the learning rates and start again"
+    return f"the last checkpoint is {last_checkpoint}: resume with --resume {last_checkpoint} and lower learning rates"
+
+
+def step_avg(ms: float, steps: int) -> float:
+    return ms / steps if steps > 0 else float("nan")
 
 
 def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[list[float], list[float]]:
@@ -632,7 +758,7 @@ def main(argv=None):
             print(f"ok: the flags and data check out for {world_size} rank(s)")
         return
 
-    # distributed setup: NCCL on GPUs, gloo on CPU; plain single process without torchrun
+    # distributed setup: NCCL on GPUs, gloo on CPU; a plain single process without torchrun
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -651,22 +777,34 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     compile_model = use_cuda if args.compile is None else args.compile
 
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        if distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    checkpoint, resume_path = None, None
+    if args.resume:
+        resume_path = resolve_checkpoint(args.resume, args.log_dir)
+        checkpoint = load_checkpoint(resume_path)
+
     # the same random seed on every rank (DDP also broadcasts rank 0's parameters)
     seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
-    if distributed:
-        seed_tensor = torch.tensor([seed], device=device)
-        dist.broadcast(seed_tensor, src=0)
-        seed = int(seed_tensor.item())
+    seed = int(all_reduce_sum(torch.tensor([seed if master_process else 0], device=device)).item())
     torch.manual_seed(seed)
 
-    # logging: the log is the record, so it begins with this file's source
-    run_id = str(uuid.uuid4())
-    logfile = os.path.join(args.log_dir, f"{run_id}.txt")
+    # logging: the log is the record, so it begins with this file's source; a resumed run appends to its log
+    run_id = checkpoint["run_id"] if checkpoint else str(uuid.uuid4())
+    run_dir, logfile = os.path.join(args.log_dir, run_id), os.path.join(args.log_dir, f"{run_id}.txt")
     code = open(os.path.abspath(__file__)).read()
     if master_process:
-        os.makedirs(os.path.join(args.log_dir, run_id), exist_ok=True)
-        with open(logfile, "w") as f:
-            f.write(log_header(code))
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.exists(logfile):
+            with open(logfile, "w") as f:
+                f.write(log_header(code))
 
     def print0(s: str, console: bool = True):
         if master_process:
@@ -675,6 +813,14 @@ def main(argv=None):
             with open(logfile, "a") as f:
                 f.write(s + "\n")
 
+    if checkpoint:
+        print0(f"resume: from {resume_path} at step {checkpoint['step']}")
+        changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
+                   if k not in ("resume", "check_only") and getattr(args, k, v) != v}
+        if changed:
+            print0(f"resume: flags changed since the checkpoint (was, now): {changed}")
+        if checkpoint["code"] != code:
+            print0("warning: train_gpt2.py differs from the source the checkpoint was trained with")
     print0(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
     print0(f"seed:{seed} world_size:{world_size} device:{device.type} dtype:{str(dtype)[6:]} compile:{compile_model}")
 
@@ -691,17 +837,34 @@ def main(argv=None):
                f"the first shard (download more shards to avoid it)")
 
     raw_model = GPT(GPTConfig.from_args(args)).to(device)
-    model = torch.compile(raw_model) if compile_model else raw_model
-    if distributed:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
     optimizers = make_optimizers(raw_model, args, dtype)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
                   for opt in optimizers]
+    start_step, clock = 0, TrainClock(sync=sync)
+    # the train loader starts at the beginning (record quirk fixed: the record fetched a batch before
+    # resetting the loader, so it trained on the first batch twice)
+    if checkpoint:
+        raw_model.load_state_dict(checkpoint["model"])
+        for opt, state in zip(optimizers, checkpoint["optimizers"]):
+            opt.load_state_dict(state)
+        for sched, state in zip(schedulers, checkpoint["schedulers"]):
+            sched.load_state_dict(state)
+        train_loader.load_state_dict(checkpoint["train_loader"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if use_cuda and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        start_step = checkpoint["step"]
+        clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], sync)
+        del checkpoint
+    model = torch.compile(raw_model) if compile_model else raw_model
+    if distributed:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
     wandb_run = None
     if master_process and args.wandb:
         import wandb
-        wandb_run = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args))
+        wandb_run = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args),
+                               resume="allow")
 
     moe = args.num_experts > 1
     learned_router = moe and args.router == "learned"
@@ -711,11 +874,6 @@ def main(argv=None):
         if learned_router and args.aux_loss_coef:
             loss = loss + args.aux_loss_coef * balance_loss(stats["load"], stats["prob"])
         return loss
-
-    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
 
     def validate() -> tuple[float, dict]:
         model.eval()
@@ -762,44 +920,72 @@ def main(argv=None):
                     metrics[f"router/layer{l}/balance_grad_norm"] = grad_norms[1][l]
             wandb_run.log(metrics, step=step)
 
-    def sync():
-        if use_cuda:
-            torch.cuda.synchronize()
+    def write_checkpoint(step: int) -> str | None:
+        """Every rank takes part (Muon's momenta are spread over ranks); rank 0 writes. None if the
+        parameters are not finite: a poisoned state never replaces a good checkpoint."""
+        finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
+        if not finite.item():
+            return None
+        state = dict(
+            step=step, run_id=run_id, code=code, args=dataclasses.asdict(args), world_size=world_size,
+            model=raw_model.state_dict(),
+            optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in optimizers],
+            schedulers=[sched.state_dict() for sched in schedulers],
+            train_loader=train_loader.state_dict(),  # ranks move in lockstep: one position describes all
+            train_time_ms=clock.ms, timed_steps=clock.steps,
+            rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if use_cuda else {})))
+        path = os.path.join(run_dir, f"state_step{step:06d}.pt")
+        if master_process:
+            save_checkpoint(state, path, args.keep_checkpoints)
+        if distributed:
+            dist.barrier()
+        return path
 
-    # the clock: the first 10 steps (compilation) and all validation and checkpointing are excluded
-    training_time_ms, t0 = 0.0, time.perf_counter()
-    timing_from = 10
-    # record quirk fixed: the record fetched a batch before resetting the loader, so trained the first one twice
-    train_loader.reset()
-    for step in range(args.num_iterations + 1):
+    # preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+
+    # the clock excludes the first 10 steps of a session (compilation) and all validation and checkpointing
+    warmup_end = start_step + 10
+    last_checkpoint, stopped_by = resume_path, None
+    exit_code = 0
+    for step in range(start_step, args.num_iterations + 1):
         last_step = step == args.num_iterations
-        if step == timing_from:
-            sync()
-            training_time_ms, t0 = 0.0, time.perf_counter()
-        timed_steps = step - timing_from  # steps whose time is on the clock, once they are done
+        timing = step >= warmup_end
+        if step == warmup_end:
+            clock.start()
+
+        if stopped_by:  # every rank agreed on it at the end of the previous step
+            clock.stop()
+            path = write_checkpoint(step)
+            print0(f"step:{step}/{args.num_iterations} stopped by {stopped_by}: checkpoint {path}")
+            print0(f"resume: rerun the same command with --resume {path}")
+            break
 
         if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            sync()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
+            clock.stop()
             val_loss, val_stats = validate()
-            print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
-                   f"step_avg:{training_time_ms / timed_steps if timed_steps > 0 else float('nan'):.2f}ms")
+            print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
+                   f"step_avg:{step_avg(clock.ms, clock.steps):.2f}ms")
             if wandb_run:
                 wandb_run.log(dict(val_loss=val_loss), step=step)
             if moe:
                 report_routers(step, val_stats)
-            sync()
-            t0 = time.perf_counter()
+            if timing:
+                clock.start()
 
-        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > 0):
-            sync()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
-            if master_process:
-                path = os.path.join(args.log_dir, run_id, f"state_step{step:06d}.pt")
-                torch.save(dict(step=step, code=code, args=dataclasses.asdict(args), model=raw_model.state_dict(),
-                                train_loader=train_loader.state_dict()), path)
-            sync()
-            t0 = time.perf_counter()
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            clock.stop()
+            path = write_checkpoint(step)
+            if path is None:
+                print0(f"step:{step}/{args.num_iterations} stopped: the parameters are not finite, so no checkpoint "
+                       f"was written; {diverged_hint(last_checkpoint)}")
+                exit_code = 3
+                break
+            last_checkpoint = path
+            if timing:
+                clock.start()
 
         if last_step:
             break
@@ -823,25 +1009,36 @@ def main(argv=None):
             sched.step()
         model.zero_grad(set_to_none=True)
         # --------------- TRAINING SECTION END -------------------
+        if timing:
+            clock.steps += 1
 
-        # the train loss is averaged over micro-batches and ranks (the record logged rank 0's last micro-batch)
-        if distributed:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-        train_loss = train_loss.item() / (train_accumulation_steps * world_size)
-        approx_time = training_time_ms + 1000 * (time.perf_counter() - t0)
-        done = timed_steps + 1
-        print0(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{approx_time:.0f}ms "
-               f"step_avg:{approx_time / done if done > 0 else float('nan'):.2f}ms")
+        # one small all-reduce per step: the train loss averaged over micro-batches and ranks (the record
+        # logged rank 0's last micro-batch), and whether any rank was asked to stop
+        stop_vote = torch.tensor(float(bool(stop_signal)), device=device)
+        control = torch.stack([train_loss / train_accumulation_steps, stop_vote])
+        train_loss, stop_votes = all_reduce_sum(control).tolist()
+        train_loss /= world_size
+        approx_ms = clock.elapsed_ms()
+        print0(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
+               f"step_avg:{step_avg(approx_ms, clock.steps):.2f}ms")
         if wandb_run:
             wandb_run.log(dict(train_loss=train_loss), step=step + 1)
+        if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
+            print0(f"step:{step + 1}/{args.num_iterations} stopped: the train loss is {train_loss}, so nothing "
+                   f"after step {step} was saved; {diverged_hint(last_checkpoint)}")
+            exit_code = 3
+            break
+        if stop_votes > 0:
+            stopped_by = (stop_signal or ["a signal on another rank"])[0]
 
     if use_cuda:
         print0(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
     if distributed:
-        dist.barrier()  # rank 0 may still be writing the checkpoint; gloo aborts if a peer leaves early
+        dist.barrier()  # rank 0 may still be writing; gloo aborts if a peer leaves early
         dist.destroy_process_group()
     if wandb_run:
         wandb_run.finish()
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,13 @@ def checkpoints(log_dir: Path) -> list[Path]:
 
 
 LN_TINY_VOCAB = math.log(TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shards, tmp_path_factory) -> Path:
+    """A real checkpoint of a 2-step single-process run of the TINY model."""
+    log_dir = tmp_path_factory.mktemp("tiny_run")
+    result = torchrun(1, [*TINY, *data_flags(shards), "--num_iterations", "2", "--warmdown_iters", "1",
+                          "--val_loss_every", "0", "--log_dir", str(log_dir)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return checkpoints(log_dir)[-1]

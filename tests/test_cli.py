@@ -99,3 +99,33 @@ def test_wandb_without_the_package_says_how_to_get_it(shards):
     result = check([*TINY, *data_flags(shards), "--wandb"])
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --wandb needs the wandb package: pip install wandb (or drop --wandb)"
+
+
+def test_bad_checkpoints_get_one_clear_line(shards, tiny_checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pt"
+    import torch
+    torch.save({"weights": torch.ones(2)}, foreign)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    cases = [
+        (["--resume", str(tmp_path / "nope.pt")], f"error: --resume {tmp_path}/nope.pt: no such file"),
+        (["--resume", str(truncated)], f"error: --resume {truncated}: truncated, or not a checkpoint"),
+        (["--resume", str(garbage)], f"error: --resume {garbage}: truncated, or not a checkpoint"),
+        (["--resume", str(foreign)], f"error: --resume {foreign}: not a checkpoint of this trainer (missing ["),
+        (["--resume", str(tiny_checkpoint), "--n_layer", "3", "--num_experts", "4"],
+         f"error: --resume {tiny_checkpoint}: the model's shape differs in n_layer (checkpoint 2, now 3), "
+         f"num_experts (checkpoint 1, now 4); resume with the checkpoint's values"),
+        (["--resume", "latest", "--log_dir", str(tmp_path / "empty")],
+         f"error: --resume latest: no checkpoint (state_step*.pt) under {tmp_path}/empty/*/"),
+        (["--keep_checkpoints", "-1"], "error: --keep_checkpoints must be >= 0, got -1"),
+    ]
+    for bad, message in cases:
+        result = check([*TINY, *data_flags(shards), "--num_iterations", "10", "--warmdown_iters", "2", *bad])
+        assert result.returncode == 2, bad
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (bad, result.stderr)
+    ok = check([*TINY, *data_flags(shards), "--num_iterations", "10", "--warmdown_iters", "2",
+                "--resume", str(tiny_checkpoint)])
+    assert ok.returncode == 0, ok.stderr
