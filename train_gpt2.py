@@ -66,10 +66,18 @@ class Hyperparameters:
     num_experts: int = arg(1, "experts per MLP, each of the dense MLP's shape (1: the dense model)")
     top_k: int = arg(1, "experts per token")
     router: typing.Literal["learned", "hash"] = arg("learned", "learned: a linear router; hash: token id mod E")
-    router_gate: typing.Literal["renorm", "prob"] = arg(
-        "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities")
+    router_gate: typing.Literal["renorm", "prob", "st"] = arg(
+        "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities; "
+        "st: renorm's value with prob's gradient (straight-through)")
     null_expert_bias: float = arg(0.0, "b in the renorm gate p / (sum of chosen p + b)")
     aux_loss_coef: float = arg(0.0, "weight of the Switch balance loss, summed over layers (training only)")
+    balance_scope: typing.Literal["micro", "global"] = arg(
+        "micro", "balance-loss load fractions per micro-batch, or gathered over all ranks and micro-batches")
+    router_z_loss_coef: float = arg(0.0, "weight of the router z-loss, mean logsumexp(logits)^2 (training only)")
+    router_bias_rate: float = arg(
+        0.0, "auxiliary-loss-free balancing: per-step move of the expert-selection biases (0: off)")
+    router_optimizer: typing.Literal["muon", "adam"] = arg("muon", "optimizer of the router weights")
+    router_lr: float = arg(0.02, "learning rate of the router weights")
     # run control
     save_every: int = arg(0, "checkpoint every this many steps (0: only at the end)")
     keep_checkpoints: int = arg(0, "keep only the newest this many checkpoints of the run (0: keep all)")
@@ -147,8 +155,12 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--router hash sends each token to one expert; use --top_k 1, not {args.top_k}")
     if args.router == "hash" and args.aux_loss_coef:
         raise ConfigError("--router hash has no probabilities to balance; use --aux_loss_coef 0")
-    if args.aux_loss_coef < 0:
-        raise ConfigError(f"--aux_loss_coef must be >= 0, got {args.aux_loss_coef}")
+    for name in ["aux_loss_coef", "router_z_loss_coef", "router_bias_rate", "router_lr"]:
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.router == "hash" and (args.router_z_loss_coef or args.router_bias_rate):
+        raise ConfigError("--router hash has no logits: --router_z_loss_coef and --router_bias_rate need "
+                          "--router learned")
     if args.null_expert_bias < 0 or (args.null_expert_bias and args.router_gate != "renorm"):
         raise ConfigError(f"--null_expert_bias {args.null_expert_bias}: needs a value >= 0 and --router_gate renorm")
     if args.wandb:
@@ -267,11 +279,12 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.dim, self.base = dim, base
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim))
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
@@ -337,6 +350,8 @@ class Router(nn.Module):
     """Chooses top_k of num_experts for each token, and the gate that weights each chosen expert's output.
 
     learned: softmax over a bias-free linear map of the token, in float32 whatever the autocast dtype.
+    Experts are chosen by probability + bias, where the bias (zero unless --router_bias_rate moves it)
+    balances the load without an auxiliary loss (DeepSeek-V3); the gate uses the unbiased probability.
     hash: token id mod num_experts, gate 1, no parameters (Roller et al. 2021).
     """
 
@@ -347,6 +362,13 @@ class Router(nn.Module):
         if self.kind == "learned":
             self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
             nn.init.uniform_(self.weight, -config.n_embd ** -0.5, config.n_embd ** -0.5)  # nn.Linear's init
+            self.register_buffer("bias", torch.zeros(config.num_experts))  # a buffer: checkpointed, not trained
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float):
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
+        self.bias += rate * torch.sign(load.mean() - load)
+        self.bias -= self.bias.mean()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """x [N, C], idx [N] token ids -> experts [N, top_k], gates [N, top_k] (float32), statistics."""
@@ -358,15 +380,18 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
-        chosen, experts = probs.topk(self.top_k, dim=-1)
-        if self.gate_kind == "renorm":  # p / (sum of chosen p + b): for top-1 with b = 0, exactly 1
+        experts = (probs + self.bias).topk(self.top_k, dim=-1).indices
+        chosen = probs.gather(-1, experts)
+        if self.gate_kind == "prob":  # Switch Transformer: the cross-entropy reaches the router through the gate
+            gates = chosen
+        else:  # renorm: p / (sum of chosen p + b), exactly 1 for top-1 with b = 0
             total = chosen.sum(dim=-1, keepdim=True) + self.null_expert_bias
             # written as 1 - (total - p) / total so that top-1 with b = 0 also has an exactly zero gradient:
             # plain p / p leaves ~1e-9 of rounding noise, which Muon's normalisation would turn into full-size
             # random router updates when nothing else (no balance loss) trains the router
             gates = 1 - (total - chosen) / total
-        else:  # prob (Switch Transformer): the cross-entropy reaches the router through the gate
-            gates = chosen
+            if self.gate_kind == "st":  # straight-through: renorm's value, the probability's gradient
+                gates = gates + (chosen - chosen.detach())
         entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean() / math.log(self.num_experts)
         z = logits.logsumexp(dim=-1).square().mean()
         return experts, gates, dict(prob=probs.mean(0), entropy=entropy, z=z)
@@ -585,16 +610,25 @@ def get_lr_multiplier(it: int, args: Hyperparameters) -> float:
 
 
 def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype) -> list[torch.optim.Optimizer]:
+    """Adam for the embedding and the head, Muon for the blocks' matrices; the routers (a group of their own)
+    in Muon or Adam as --router_optimizer says."""
     fused = dict(fused=True) if model.lm_head.weight.is_cuda else {}
-    return [
+    routers = [p for name, p in model.transformer.h.named_parameters() if ".router." in name]
+    matrices = [p for name, p in model.transformer.h.named_parameters() if ".router." not in name]
+    optimizers = [
         torch.optim.Adam([model.transformer.wte.weight], lr=args.embed_lr, betas=(0.9, 0.95), **fused),
         torch.optim.Adam([model.lm_head.weight], lr=args.head_lr, betas=(0.9, 0.95), **fused),
-        Muon(model.transformer.h.parameters(), lr=args.muon_lr, momentum=args.muon_momentum, ns_dtype=ns_dtype),
+        Muon([dict(params=matrices)] + ([dict(params=routers, lr=args.router_lr)]
+                                        if routers and args.router_optimizer == "muon" else []),
+             lr=args.muon_lr, momentum=args.muon_momentum, ns_dtype=ns_dtype),
     ]
+    if routers and args.router_optimizer == "adam":
+        optimizers.append(torch.optim.Adam(routers, lr=args.router_lr, betas=(0.9, 0.95), **fused))
+    return optimizers
 
 
-# the fields that fix the parameters' shapes: a checkpoint resumes only into the same ones
-SHAPE_FIELDS = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "router"]
+# the fields that fix the parameters' shapes and their optimizers: a checkpoint resumes only into the same ones
+FIXED_AT_RESUME = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "router", "router_optimizer"]
 
 
 def resolve_checkpoint(resume: str, log_dir: str) -> str:
@@ -627,10 +661,10 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
 
 
 def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
-    differ = [f"{name} (checkpoint {checkpoint['args'].get(name)!r}, now {getattr(args, name)!r})"
-              for name in SHAPE_FIELDS if checkpoint["args"].get(name) != getattr(args, name)]
+    differ = [f"{name} (checkpoint {checkpoint['args'].get(name, 'muon')!r}, now {getattr(args, name)!r})"
+              for name in FIXED_AT_RESUME if checkpoint["args"].get(name, "muon") != getattr(args, name)]
     if differ:
-        raise ConfigError(f"--resume {path}: the model's shape differs in " + ", ".join(differ)
+        raise ConfigError(f"--resume {path}: the model or its optimizers differ in " + ", ".join(differ)
                           + "; resume with the checkpoint's values")
     if checkpoint["step"] > args.num_iterations:
         raise ConfigError(f"--resume {path}: the checkpoint is at step {checkpoint['step']}, beyond "
@@ -705,23 +739,25 @@ def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) ->
     return [g.norm().item() for g in from_ce], [g.norm().item() for g in from_balance]
 
 
-def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor, entropy: torch.Tensor,
-                  grad_norms: tuple[list[float], list[float]] | None) -> list[str]:
-    """One log line per MoE layer (key:value fields, vectors comma-separated), then a warning line for each
-    layer and expert whose validation load fell below a quarter of uniform."""
+def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
+                  per_layer: dict[str, torch.Tensor]) -> list[str]:
+    """One log line per MoE layer, then a warning line for each layer and expert whose validation load fell
+    below a quarter of uniform. Fields are key:value, vectors comma-separated; per_layer adds fields, each a
+    tensor with one entry (or one vector) per layer."""
     def fractions(load):
         return load / load.sum(dim=-1, keepdim=True).clamp_min(1)
 
-    def vector(v):
-        return ",".join(f"{x:.4f}" for x in v.tolist())
+    def value(v):
+        return ",".join(f"{x:.4f}" for x in v.tolist()) if v.dim() else f"{v.item():.4g}"
 
     train_frac, val_frac = fractions(train_load), fractions(val_load)
+    E = val_load.size(1)
+    max_violation = torch.where(train_load.sum(-1) > 0, train_frac.max(-1).values * E - 1, float("nan"))
     lines = []
     for layer in range(val_load.size(0)):
-        fields_ = [f"train_load:{vector(train_frac[layer])}", f"val_load:{vector(val_frac[layer])}"]
-        if grad_norms is not None:  # learned routers
-            fields_ += [f"entropy:{entropy[layer].item():.4f}", f"ce_grad_norm:{grad_norms[0][layer]:.3e}",
-                        f"balance_grad_norm:{grad_norms[1][layer]:.3e}"]
+        fields_ = [f"train_load:{value(train_frac[layer])}", f"val_load:{value(val_frac[layer])}",
+                   f"max_violation:{value(max_violation[layer])}"]
+        fields_ += [f"{name}:{value(v[layer])}" for name, v in per_layer.items()]
         lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
     floor = 0.25 / val_load.size(1)
     for layer, expert in (val_frac < floor).nonzero().tolist():
@@ -870,9 +906,14 @@ def main(argv=None):
     learned_router = moe and args.router == "learned"
     train_load = torch.zeros(args.n_layer, args.num_experts, device=device)  # routed tokens since the last val
 
-    def objective(loss: torch.Tensor, stats: dict) -> torch.Tensor:
+    routers = [block.mlp.router for block in raw_model.transformer.h] if learned_router else []
+
+    def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None) -> torch.Tensor:
+        """The training loss: cross-entropy plus the router's auxiliary losses."""
         if learned_router and args.aux_loss_coef:
-            loss = loss + args.aux_loss_coef * balance_loss(stats["load"], stats["prob"])
+            loss = loss + args.aux_loss_coef * balance_loss(balance_load, stats["prob"])
+        if learned_router and args.router_z_loss_coef:  # ST-MoE's z-loss, summed over layers
+            loss = loss + args.router_z_loss_coef * stats["z"].sum()
         return loss
 
     def validate() -> tuple[float, dict]:
@@ -880,7 +921,7 @@ def main(argv=None):
         val_loader.reset()
         val_loss = torch.zeros((), device=device)
         val_load = torch.zeros(args.n_layer, args.num_experts, device=device)
-        entropy = torch.zeros(args.n_layer, device=device)
+        entropy, gate = torch.zeros(args.n_layer, device=device), torch.zeros(args.n_layer, device=device)
         with torch.no_grad():
             for _ in range(val_steps):
                 x_val, y_val = val_loader.next_batch()
@@ -890,9 +931,10 @@ def main(argv=None):
                 if moe:
                     val_load += stats["load"]
                     entropy += stats["entropy"]
+                    gate += stats["gate"]
         count = val_steps * world_size
-        return all_reduce_sum(val_loss).item() / count, dict(load=all_reduce_sum(val_load),
-                                                              entropy=all_reduce_sum(entropy) / count)
+        return all_reduce_sum(val_loss).item() / count, dict(
+            load=all_reduce_sum(val_load), entropy=all_reduce_sum(entropy) / count, gate=all_reduce_sum(gate) / count)
 
     def report_routers(step: int, val_stats: dict):
         """Router diagnostics at a validation (MoE runs, outside the timed region)."""
@@ -900,24 +942,29 @@ def main(argv=None):
         train_load.zero_()
         if not master_process:
             return
-        grad_norms = None
+        per_layer = dict(gate_mean=val_stats["gate"])
         if learned_router:
             val_loader.reset()
             x_probe, y_probe = val_loader.next_batch()
             probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
-            grad_norms = router_grad_norms(raw_model, x_probe[:probe], y_probe[:probe], autocast)
-        for line in router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"],
-                                  val_stats["entropy"], grad_norms):
+            ce_norms, balance_norms = router_grad_norms(raw_model, x_probe[:probe], y_probe[:probe], autocast)
+            per_layer.update(entropy=val_stats["entropy"], ce_grad_norm=torch.tensor(ce_norms),
+                             balance_grad_norm=torch.tensor(balance_norms))
+            if args.router_bias_rate:
+                per_layer.update(bias=torch.stack([router.bias for router in routers]))
+        lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
+        for line in lines:
             print0(line, console="warning" in line)
-        if wandb_run:
-            val_frac = val_stats["load"] / val_stats["load"].sum(-1, keepdim=True)
-            metrics = {f"router/layer{l}/val_load_expert{e}": val_frac[l, e].item()
-                       for l in range(args.n_layer) for e in range(args.num_experts)}
-            if grad_norms is not None:
-                for l in range(args.n_layer):
-                    metrics[f"router/layer{l}/entropy"] = val_stats["entropy"][l].item()
-                    metrics[f"router/layer{l}/ce_grad_norm"] = grad_norms[0][l]
-                    metrics[f"router/layer{l}/balance_grad_norm"] = grad_norms[1][l]
+        if wandb_run:  # the same numbers, as router/layer{l}/{field}[_{expert}]
+            metrics = {}
+            for line in lines:
+                if " router layer:" not in line:
+                    continue
+                fields_ = dict(f.split(":", 1) for f in line.split()[2:])
+                layer = fields_.pop("layer")
+                for name, text in fields_.items():
+                    for e, v in enumerate(text.split(",")):
+                        metrics[f"router/layer{layer}/{name}" + (f"_{e}" if "," in text else "")] = float(v)
             wandb_run.log(metrics, step=step)
 
     def write_checkpoint(step: int) -> str | None:
@@ -993,6 +1040,8 @@ def main(argv=None):
         # --------------- TRAINING SECTION BEGIN -----------------
         model.train()
         train_loss = torch.zeros((), device=device)
+        step_load = torch.zeros(args.n_layer, args.num_experts, device=device)  # this rank's routed tokens
+        global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
         for micro_step in range(train_accumulation_steps):
             # record quirk fixed: no_sync must wrap the forward too, not only backward()
             syncing = not distributed or micro_step == train_accumulation_steps - 1
@@ -1000,14 +1049,26 @@ def main(argv=None):
             with contextlib.nullcontext() if syncing else model.no_sync():
                 with autocast:
                     loss, stats = model(x, y)
-                (objective(loss, stats) / train_accumulation_steps).backward()
+                balance_load = stats.get("load")
+                if moe:
+                    step_load += stats["load"].detach()
+                if moe and args.balance_scope == "global":
+                    # global-batch balance (Qiu et al. 2025): the load fractions of all ranks and of this step's
+                    # micro-batches so far; exactly the global batch's when a step is one micro-batch per rank
+                    global_step_load += all_reduce_sum(stats["load"].detach().clone())
+                    balance_load = global_step_load
+                (objective(loss, stats, balance_load) / train_accumulation_steps).backward()
             train_loss += loss.detach()
-            if moe:
-                train_load += stats["load"].detach()
         for opt, sched in zip(optimizers, schedulers):
             opt.step()
             sched.step()
         model.zero_grad(set_to_none=True)
+        if routers and args.router_bias_rate:
+            # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the
+            # step's loads over ranks and micro-batches, so every rank moves its biases alike
+            for router, load in zip(routers, all_reduce_sum(step_load.clone())):
+                router.update_bias(load, args.router_bias_rate)
+        train_load += step_load
         # --------------- TRAINING SECTION END -------------------
         if timing:
             clock.steps += 1

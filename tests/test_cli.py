@@ -67,6 +67,12 @@ BAD_INPUTS = [
     (["--num_experts", "4", "--router_gate", "prob", "--null_expert_bias", "10"], 1,
      "--null_expert_bias 10.0: needs a value >= 0 and --router_gate renorm"),
     (["--aux_loss_coef", "-1"], 1, "--aux_loss_coef must be >= 0, got -1.0"),
+    (["--num_experts", "4", "--router", "hash", "--router_z_loss_coef", "0.001"], 1,
+     "--router hash has no logits: --router_z_loss_coef and --router_bias_rate need --router learned"),
+    (["--router_bias_rate", "-0.01"], 1, "--router_bias_rate must be >= 0, got -0.01"),
+    (["--num_experts", "4", "--router_gate", "st", "--null_expert_bias", "1"], 1, "needs a value >= 0 and --router_gate renorm"),
+    (["--balance_scope", "world"], 1, "argument --balance_scope: invalid choice: 'world'"),
+    (["--router_optimizer", "sgd"], 1, "argument --router_optimizer: invalid choice: 'sgd'"),
 ]
 
 
@@ -115,7 +121,7 @@ def test_bad_checkpoints_get_one_clear_line(shards, tiny_checkpoint, tmp_path):
         (["--resume", str(garbage)], f"error: --resume {garbage}: truncated, or not a checkpoint"),
         (["--resume", str(foreign)], f"error: --resume {foreign}: not a checkpoint of this trainer (missing ["),
         (["--resume", str(tiny_checkpoint), "--n_layer", "3", "--num_experts", "4"],
-         f"error: --resume {tiny_checkpoint}: the model's shape differs in n_layer (checkpoint 2, now 3), "
+         f"error: --resume {tiny_checkpoint}: the model or its optimizers differ in n_layer (checkpoint 2, now 3), "
          f"num_experts (checkpoint 1, now 4); resume with the checkpoint's values"),
         (["--resume", "latest", "--log_dir", str(tmp_path / "empty")],
          f"error: --resume latest: no checkpoint (state_step*.pt) under {tmp_path}/empty/*/"),

@@ -17,7 +17,8 @@ RUN = [*TINY, "--warmdown_iters", "1", "--val_loss_every", "0"]
 def test_resume_continues_exactly(shards, tmp_path):
     """2 processes, float32: 20 steps straight equal 10 steps, a resume, and 10 more."""
     common = [*RUN, *data_flags(shards), "--num_iterations", "20", "--seed", "3", "--num_experts", "4",
-              "--top_k", "2", "--router_gate", "prob", "--aux_loss_coef", "0.01"]  # MoE: every state matters
+              "--top_k", "2", "--router_gate", "prob", "--aux_loss_coef", "0.01", "--router_bias_rate", "0.01",
+              "--router_optimizer", "adam"]  # an MoE with moving router biases: every piece of state matters
     straight = tmp_path / "straight"
     result = torchrun(2, [*common, "--save_every", "10", "--log_dir", str(straight)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,6 +42,8 @@ def test_resume_continues_exactly(shards, tmp_path):
     print(f"resume: largest train-loss difference {loss_gap:.3e}, largest parameter difference {param_gap:.3e}")
     assert loss_gap == 0.0 and param_gap < 1e-6
     assert final_resumed["train_loader"] == final_straight["train_loader"]
+    biases = torch.load(middle)["model"]["transformer.h.1.mlp.router.bias"]
+    assert biases.abs().sum() > 0  # the checkpoint carried moved biases into the resumed run
 
 
 def test_resume_latest_picks_the_newest_checkpoint_and_appends_to_the_runs_log(shards, tmp_path):
@@ -91,7 +94,7 @@ def test_a_checkpoint_holds_everything_a_resume_needs(shards, tmp_path):
     assert state["code"] == (ROOT / "train_gpt2.py").read_text() and state["args"]["num_experts"] == 4
     adam_embed, adam_head, muon = state["optimizers"]
     # Muon's momenta live on the rank that owns each matrix; the checkpoint gathers all of them
-    n_matrices = len(muon["param_groups"][0]["params"])
+    n_matrices = sum(len(group["params"]) for group in muon["param_groups"])  # block matrices and routers
     assert len(muon["state"]) == n_matrices and all(s["momentum_buffer"].abs().sum() > 0 for s in muon["state"].values())
     assert state["schedulers"][0]["last_epoch"] == 4
 

@@ -1,4 +1,5 @@
 """End-to-end runs of train_gpt2.py under a real torchrun with 1 and 2 gloo processes on CPU."""
+import pytest
 import torch
 
 from conftest import (LN_TINY_VOCAB, ROOT, TINY, TRAIN_LINE, VAL_LINE, checkpoints, data_flags, run_log,
@@ -27,10 +28,16 @@ def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):
     assert "world_size:2" in result.stdout
 
 
-def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path):
-    """Data parallelism and gradient accumulation are the same computation (float32 on CPU)."""
+MOE_WITH_EVERYTHING = ["--num_experts", "4", "--top_k", "2", "--router_gate", "st", "--aux_loss_coef", "0.01",
+                       "--router_z_loss_coef", "0.001", "--router_bias_rate", "0.01"]
+
+
+@pytest.mark.parametrize("model_flags", [[], MOE_WITH_EVERYTHING], ids=["dense", "moe"])
+def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path, model_flags):
+    """Data parallelism and gradient accumulation are the same computation (float32 on CPU). For the MoE this
+    holds only if the router biases move by the loads summed over ranks, as over micro-batches."""
     common = [*TINY, *data_flags(shards), "--num_iterations", "4", "--warmdown_iters", "2",
-              "--val_loss_every", "0", "--seed", "7"]
+              "--val_loss_every", "0", "--seed", "7", *model_flags]
     finals = []
     for nproc, device_batch in [(2, 4), (1, 4)]:
         log_dir = tmp_path / f"nproc{nproc}"
@@ -41,6 +48,8 @@ def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path):
         (ckpt,) = checkpoints(log_dir)
         finals.append((torch.load(ckpt)["model"], train_losses(run_log(log_dir)[1])))
     (two_ranks, losses2), (one_rank, losses1) = finals
+    if model_flags:
+        assert one_rank["transformer.h.0.mlp.router.bias"].abs().sum() > 0  # the biases did move
     for name in one_rank:
         torch.testing.assert_close(two_ranks[name], one_rank[name], atol=1e-6, rtol=1e-5, msg=name)
     assert max(abs(losses2[s] - losses1[s]) for s in losses1) < 1e-4

@@ -1,0 +1,127 @@
+"""Routing that learns: the straight-through gate, z-loss, auxiliary-loss-free biases, global balance,
+the router's optimizer, and the README's flag table."""
+import math
+import re
+from dataclasses import fields
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses
+from test_moe import config, randomise
+from train_gpt2 import GPT, Hyperparameters, Muon, Router, make_optimizers
+
+
+def router_ce_grads(gate):
+    torch.manual_seed(0)
+    model = GPT(config(router_gate=gate))
+    for block in model.transformer.h:
+        randomise(block.mlp)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+    idx = torch.randint(0, 64, (2, 16))
+    loss, _ = model(idx, torch.randint(0, 64, (2, 16)))
+    return loss, torch.autograd.grad(loss, [b.mlp.router.weight for b in model.transformer.h])
+
+
+def test_straight_through_gate_is_renorms_value_with_probs_gradient():
+    torch.manual_seed(0)
+    x, idx = torch.randn(32, 32), torch.zeros(32, dtype=torch.long)
+    for top_k in (1, 2):
+        renorm, st = Router(config(top_k=top_k)), Router(config(top_k=top_k, router_gate="st"))
+        st.weight.data.copy_(renorm.weight)
+        assert torch.equal(st(x, idx)[1], renorm(x, idx)[1])  # the forward values, bit for bit
+        assert torch.equal(st(x, idx)[0], renorm(x, idx)[0])
+    loss_renorm, grads_renorm = router_ce_grads("renorm")
+    loss_st, grads_st = router_ce_grads("st")
+    assert loss_st.item() == loss_renorm.item()
+    assert all(torch.count_nonzero(g) == 0 for g in grads_renorm)  # exactly zero
+    assert all(g.norm() > 1e-4 for g in grads_st)  # the cross-entropy now reaches the router
+
+
+def test_z_loss_on_a_hand_computed_input():
+    router = Router(config(n_embd=2))
+    router.weight.data = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    _, _, stats = router(x, torch.zeros(2, dtype=torch.long))
+    # logits [1, 0, 0, 0] and [0, 0, 0, 2]
+    expected = (math.log(math.e + 3) ** 2 + math.log(3 + math.e ** 2) ** 2) / 2
+    assert stats["z"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bias_update_pulls_a_skewed_router_toward_uniform_load():
+    torch.manual_seed(0)
+    router = Router(config(n_embd=16))
+    router.weight.data = torch.randn(4, 16) * 0.1
+    router.weight.data[0] += 0.05  # nearly every token prefers expert 0
+    x = torch.randn(4096, 16).abs()
+    idx = torch.zeros(4096, dtype=torch.long)
+
+    def load():
+        experts = router(x, idx)[0].flatten()
+        return torch.stack([(experts == e).sum() for e in range(4)]).float()
+
+    skewed = load()
+    assert skewed.max() / skewed.sum() > 0.9
+    for _ in range(20):
+        router.update_bias(load(), rate=0.01)
+    balanced = load()
+    assert balanced.max() / balanced.sum() < 0.32, balanced  # from 0.93 to near 0.25 in 20 steps
+    assert router.bias.sum().abs() < 1e-6  # centred
+    assert router.bias[0] < router.bias[1:].min()  # the crowded expert was pushed down
+    # the gate still uses the unbiased probability
+    probs = (x @ router.weight.T).softmax(-1)
+    experts, gates, _ = Router.forward(router, x, idx)
+    assert torch.equal(gates, torch.ones_like(gates))  # renorm top-1
+    prob_router = Router(config(n_embd=16, router_gate="prob"))
+    prob_router.load_state_dict(router.state_dict())
+    experts, gates, _ = prob_router(x, idx)
+    torch.testing.assert_close(gates, probs.gather(-1, experts))
+
+
+def test_router_optimizer_muon_or_adam_with_its_own_lr():
+    model = GPT(config())
+    routers = {id(b.mlp.router.weight) for b in model.transformer.h}
+    muon_opts = make_optimizers(model, Hyperparameters(num_experts=4, router_lr=0.005), torch.float32)
+    assert len(muon_opts) == 3 and isinstance(muon_opts[2], Muon)
+    matrices, router_group = muon_opts[2].param_groups
+    assert {id(p) for p in router_group["params"]} == routers and router_group["lr"] == 0.005
+    assert not routers & {id(p) for p in matrices["params"]} and matrices["lr"] == 0.02
+    adam_opts = make_optimizers(model, Hyperparameters(num_experts=4, router_optimizer="adam", router_lr=0.001),
+                                torch.float32)
+    assert len(adam_opts) == 4 and isinstance(adam_opts[3], torch.optim.Adam)
+    assert {id(p) for p in adam_opts[3].param_groups[0]["params"]} == routers
+    assert adam_opts[3].param_groups[0]["lr"] == 0.001
+    assert len(adam_opts[2].param_groups) == 1
+
+
+ROUTING = ["--num_experts", "4", "--val_loss_every", "0", "--warmdown_iters", "1"]
+
+
+def test_global_balance_scope_equals_micro_at_one_rank_and_one_micro_batch(shards, tmp_path):
+    results = {}
+    for scope in ("micro", "global"):
+        args = [*TINY, *data_flags(shards), *ROUTING, "--batch_size", "4", "--aux_loss_coef", "0.1",
+                "--num_iterations", "6", "--seed", "5", "--balance_scope", scope, "--log_dir", str(tmp_path / scope)]
+        assert torchrun(1, args).returncode == 0
+        results[scope] = (train_losses(run_log(tmp_path / scope)[1]), torch.load(checkpoints(tmp_path / scope)[-1]))
+    assert results["micro"][0] == results["global"][0]
+    for name, value in results["micro"][1]["model"].items():
+        assert torch.equal(value, results["global"][1]["model"][name]), name
+
+
+def test_global_balance_scope_differs_from_micro_when_it_should(shards, tmp_path):
+    """With 2 micro-batches the global scope balances over more tokens, so the runs part ways."""
+    losses = {}
+    for scope in ("micro", "global"):
+        args = [*TINY, *data_flags(shards), *ROUTING, "--aux_loss_coef", "0.5", "--num_iterations", "6",
+                "--seed", "5", "--balance_scope", scope, "--log_dir", str(tmp_path / scope)]
+        assert torchrun(1, args).returncode == 0
+        losses[scope] = train_losses(run_log(tmp_path / scope)[1])
+    assert losses["micro"][1] == losses["global"][1] and losses["micro"] != losses["global"]
+
+
+def test_every_flag_is_in_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `--([a-z_]+)`", readme, flags=re.M))
+    assert {f.name for f in fields(Hyperparameters)} <= table
+    assert table <= {f.name for f in fields(Hyperparameters)}  # and nothing stale
