@@ -1,0 +1,370 @@
+"""
+Compare training runs from their logs: ours (train_gpt2.py) and the NanoGPT speedrun's own, which share
+the line format; the MoE router lines of ours are optional to this reader.
+
+    python records/compare.py records/                      # every log under records/, one table
+    python records/compare.py logs/a.txt logs/b.txt --target 3.28
+    python records/compare.py records/ --group              # mean, std and p-value per configuration
+    python records/compare.py records/ --plot curves.png    # needs matplotlib
+
+A log that is empty, foreign (no step lines) or has no validation line is named on stderr and skipped. A
+run that stopped before its last step (crashed, preempted, still running, or cut off mid-line) is listed
+as unfinished and left out of the --group statistics.
+"""
+import argparse
+import ast
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FENCE = "=" * 100
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+ROUTER_LINE = re.compile(r"^step:(\d+)/(\d+) router layer:(\d+) (.*)$")
+PEAK_LINE = re.compile(r"^peak memory consumption: (\d+) MiB")
+# flags that do not change what a run computes: runs that differ only in these are one configuration
+RUN_CONTROL = {"seed", "resume", "log_dir", "save_every", "keep_checkpoints", "check_only", "wandb",
+               "wandb_project", "compile", "input_bin", "input_val_bin"}
+
+
+class LogError(ValueError):
+    """A file that cannot be read as a run log; the message says why."""
+
+
+@dataclass
+class Run:
+    path: Path
+    num_iterations: int
+    val: dict = field(default_factory=dict)  # step -> (val_loss, train_time_ms, step_avg_ms)
+    train: dict = field(default_factory=dict)  # step -> (train_loss, train_time_ms, step_avg_ms)
+    router: dict = field(default_factory=dict)  # step -> layer -> {field: value or [values]}
+    hyper: dict | None = None  # our logs' hyperparameters line
+    source: str = ""
+    peak_mib: int | None = None
+    cut_off: bool = False  # the file ends in the middle of a line
+
+    @property
+    def name(self) -> str:
+        stem = self.path.stem
+        return f"{self.path.parent.name}/{stem[:8] if re.fullmatch(r'[0-9a-f-]{36}', stem) else stem}"
+
+    @property
+    def last_step(self) -> int:
+        return max([*self.val, *self.train])
+
+    @property
+    def finished(self) -> bool:
+        return self.num_iterations in self.val and not self.cut_off
+
+    @property
+    def final_val(self) -> float:
+        return self.val[max(self.val)][0]
+
+    def crossing(self, target: float) -> tuple[int, float] | None:
+        """The first validation at or below target: (step, train time in ms)."""
+        for step in sorted(self.val):
+            if self.val[step][0] <= target:
+                return step, self.val[step][1]
+        return None
+
+    def setting(self, name: str, default=None):
+        """A hyperparameter: from our hyperparameters line, else from the source's Hyperparameters class."""
+        if self.hyper is not None:
+            return self.hyper.get(name, default)
+        m = re.search(rf"^\s*{name}\s*:\s*\w+\s*=\s*([\d\s*]+?)\s*(#|$)", self.source, flags=re.M)
+        return math.prod(int(x) for x in m[1].split("*")) if m else default
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        batch, length = self.setting("batch_size"), self.setting("sequence_length")
+        return batch * length if batch and length else None
+
+    @property
+    def mode(self) -> str:
+        experts = self.setting("num_experts", 1)
+        if experts == 1:
+            return "dense"
+        s = self.setting
+        parts = [f"moe E{experts} top{s('top_k', 1)}", s("router", "learned")]
+        if s("router", "learned") == "learned":
+            parts.append(s("router_gate", "renorm"))
+        for name, tag in [("aux_loss_coef", "aux"), ("null_expert_bias", "null"), ("router_z_loss_coef", "z"),
+                          ("router_bias_rate", "bias")]:
+            if s(name, 0):
+                parts.append(f"{tag}{s(name)}")
+        if s("balance_scope", "micro") == "global":
+            parts.append("global")
+        if s("router_optimizer", "muon") == "adam":
+            parts.append(f"adam-router{s('router_lr')}")
+        return " ".join(parts)
+
+    @property
+    def config_key(self) -> str:
+        """What the run computes: the hyperparameters but run control, or for a foreign log its source."""
+        if self.hyper is not None:
+            return json.dumps({k: v for k, v in self.hyper.items() if k not in RUN_CONTROL}, sort_keys=True)
+        return "source:" + hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def parse_log(path: Path) -> Run:
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise LogError("empty file")
+    lines = text.split("\n")
+    cut_off = not text.endswith("\n")
+    if cut_off:
+        lines = lines[:-1]  # the partial last line
+    source = ""
+    if lines and lines[0] == FENCE:  # the log begins with the script's source, fenced
+        end = lines.index(FENCE, 1) if FENCE in lines[1:] else len(lines)
+        source, lines = "\n".join(lines[1:end]), lines[end + 1:]
+    num_iterations, val, train, router, hyper, peak = None, {}, {}, {}, None, None
+    for line in lines:
+        if m := VAL_LINE.match(line):  # a resumed run repeats steps: the last line of a step wins
+            val[int(m[1])] = (float(m[3]), float(m[4]), float(m[5]))
+        elif m := TRAIN_LINE.match(line):
+            train[int(m[1])] = (float(m[3]), float(m[4]), float(m[5]))
+        elif m := ROUTER_LINE.match(line):
+            fields_ = dict(f.split(":", 1) for f in m[4].split() if ":" in f)
+            router.setdefault(int(m[1]), {})[int(m[3])] = {
+                k: [float(x) for x in v.split(",")] if "," in v else float(v) for k, v in fields_.items()}
+        elif line.startswith("hyperparameters: "):
+            try:
+                hyper = ast.literal_eval(line[len("hyperparameters: "):])
+            except (ValueError, SyntaxError):
+                raise LogError("unreadable hyperparameters line") from None
+        elif m := PEAK_LINE.match(line):
+            peak = int(m[1])
+        if line.startswith("step:") and m:
+            num_iterations = int(m[2])
+    if num_iterations is None:
+        raise LogError("not a training log (no step lines)")
+    if not val:
+        raise LogError("no validation line")
+    return Run(path, num_iterations, val, train, router, hyper, source, peak, cut_off)
+
+
+def find_logs(paths: list[str]) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*.txt") if q.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            print(f"skipped {p}: no such file or directory", file=sys.stderr)
+    return found
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    runs = []
+    for path in find_logs(paths):
+        try:
+            runs.append(parse_log(path))
+        except (LogError, OSError, UnicodeDecodeError) as e:
+            print(f"skipped {path}: {e}", file=sys.stderr)
+            continue
+        if runs[-1].cut_off:
+            print(f"note: {path} ends in the middle of a line; read up to its last complete line", file=sys.stderr)
+    return runs
+
+# -----------------------------------------------------------------------------
+# statistics: the speedrun's rule is a one-sided one-sample t-test of the final val losses against the target
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
+    c, d = 1.0, 1 - qab * x / qap
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1 + aa * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return tail if t < 0 else 1 - tail
+
+
+def one_sided_p_value(samples: list[float], target: float) -> float:
+    """p-value of 'the mean is below target' (one-sample t-test, alternative 'less'); nan for n < 2."""
+    n = len(samples)
+    if n < 2:
+        return float("nan")
+    mean = sum(samples) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in samples) / (n - 1))
+    if sd == 0:
+        return 0.0 if mean < target else 1.0
+    t = (mean - target) / (sd / math.sqrt(n))
+    try:
+        from scipy import stats  # optional: the same number, from the reference implementation
+        return float(stats.ttest_1samp(samples, target, alternative="less").pvalue)
+    except ImportError:
+        return student_t_cdf(t, n - 1)
+
+# -----------------------------------------------------------------------------
+# tables and plots
+
+
+def fmt(value, spec: str = "", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def fmt_tokens(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def runs_table(runs: list[Run], target: float) -> str:
+    rows = []
+    for run in runs:
+        crossing = run.crossing(target)
+        last_val = run.val[max(run.val)]
+        steps = f"{run.last_step}/{run.num_iterations}" + ("" if run.finished else " unfinished")
+        tokens = run.tokens_per_step * run.last_step if run.tokens_per_step else None
+        rows.append([run.name, run.mode, steps, fmt(run.final_val, ".4f"),
+                     fmt(crossing and crossing[0]), fmt(crossing and crossing[1] / 1000, ".1f", " s"),
+                     fmt(last_val[2], ".2f", " ms"), fmt_tokens(tokens),
+                     fmt(run.peak_mib, "d", " MiB")])
+    return markdown(["run", "mode", "steps", "final val", f"step <= {target}", f"time <= {target}",
+                     "step_avg", "tokens", "peak memory"], rows)
+
+
+def groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs gathered by configuration, each labelled by its mode and, where configurations share a mode, by
+    the settings in which they differ."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(run.config_key, []).append(run)
+    labelled = {}
+    for key, members in by_key.items():
+        mode = members[0].mode
+        siblings = [k for k, m in by_key.items() if m[0].mode == mode]
+        label = mode
+        if len(siblings) > 1:
+            configs = [json.loads(k) if not k.startswith("source:") else {"source": k[7:15]} for k in siblings]
+            mine = configs[siblings.index(key)]
+            differ = [name for name in set().union(*configs) if len({str(c.get(name)) for c in configs}) > 1]
+            differ.sort(key=lambda name: (any(name not in c for c in configs), name))  # shared settings first
+            label += " (" + ", ".join(f"{name}={mine.get(name)}" for name in differ[:3]) + \
+                (", ..." if len(differ) > 3 else "") + ")"
+        if label in labelled:  # never merge two configurations under one label
+            label += f" #{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+        labelled[label] = members
+    return labelled
+
+
+def groups_table(runs: list[Run], target: float) -> str:
+    rows = []
+    for label, members in groups(runs).items():
+        finals = [r.final_val for r in members if r.finished]
+        n = len(finals)
+        mean = sum(finals) / n if n else float("nan")
+        sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / (n - 1)) if n > 1 else float("nan")
+        rows.append([label, str(n), fmt(mean, ".4f"), fmt(sd, ".4f"), fmt(one_sided_p_value(finals, target), ".3g"),
+                     str(len(members) - n)])
+    return markdown(["configuration", "n", "mean final val", "std", f"p (mean < {target})", "unfinished"], rows)
+
+
+def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    moe_runs = [r for r in runs if r.router][:max_moe_panels]
+    fig, axes = plt.subplots(1 + len(moe_runs), 2, figsize=(13, 4.5 * (1 + len(moe_runs))), squeeze=False)
+    by_step, by_time = axes[0]
+    later = [v[0] for r in runs for s, v in r.val.items() if s > 0] or [target]
+    for run in runs:
+        steps = sorted(run.val)
+        label = f"{run.name} ({run.mode})"
+        by_step.plot(steps, [run.val[s][0] for s in steps], marker=".", label=label)
+        timed = [s for s in steps if s > 0]
+        by_time.plot([run.val[s][1] / 1000 for s in timed], [run.val[s][0] for s in timed], marker=".", label=label)
+    for ax, xlabel in ((by_step, "step"), (by_time, "train time (s)")):
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
+        ax.set(xlabel=xlabel, ylabel="val loss", ylim=(min(later + [target]) - 0.02, max(later) + 0.05))
+        ax.grid(alpha=0.3)
+    by_step.set_title("validation loss by step")
+    by_time.set_title("validation loss by training time")
+    by_step.legend(fontsize=7)
+    for (train_ax, val_ax), run in zip(axes[1:], moe_runs):
+        steps = sorted(run.router)
+        layers = sorted(run.router[steps[-1]])
+        colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in layers])
+        for kind, ax in (("train_load", train_ax), ("val_load", val_ax)):
+            for layer, color in zip(layers, colors):
+                xs = [s for s in steps if layer in run.router[s] and isinstance(run.router[s][layer].get(kind), list)
+                      and sum(run.router[s][layer][kind]) > 0]
+                loads = [run.router[s][layer][kind] for s in xs]
+                ax.plot(xs, [max(l) for l in loads], color=color, label=f"layer {layer} max")
+                ax.plot(xs, [min(l) for l in loads], color=color, linestyle=":")
+            experts = len(run.router[steps[-1]][layers[0]]["val_load"])
+            ax.axhline(1 / experts, color="gray", linestyle="--", linewidth=1)
+            ax.set(xlabel="step", ylabel="fraction of tokens", ylim=(0, None),
+                   title=f"{run.name}: {kind.replace('_', ' ')} per layer (solid: busiest expert, dotted: idlest)")
+            ax.grid(alpha=0.3)
+        train_ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="run logs, or folders searched for *.txt")
+    parser.add_argument("--target", type=float, default=3.28, help="the val loss to reach (default: 3.28)")
+    parser.add_argument("--group", action="store_true", help="statistics per configuration")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot val loss by step and time, and MoE loads")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.paths)
+    if not runs:
+        print("no runs to compare", file=sys.stderr)
+        return 1
+    print(runs_table(runs, args.target))
+    if args.group:
+        print()
+        print(groups_table(runs, args.target))
+    if args.plot:
+        plot(runs, args.plot, args.target)
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

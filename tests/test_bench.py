@@ -1,0 +1,74 @@
+"""bench.py: its FLOP count, its graph-health counters (they must see breaks and recompiles), a short run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+from train_gpt2 import GPTConfig  # noqa: E402
+
+
+def test_flops_per_token_counts_active_parameters():
+    dense = bench.flops_per_token(GPTConfig(), 1024)
+    # GPT-2 small with an untied head: 85M block parameters + 38.6M head, then attention
+    assert dense == 6 * (12 * 12 * 768 ** 2 + 50304 * 768) + 12 * 12 * 768 * 1024
+    assert dense / 1e6 == pytest.approx(854.65, abs=0.01)
+    moe1 = bench.flops_per_token(GPTConfig(num_experts=4), 1024)
+    assert moe1 - dense == 6 * 12 * 768 * 4  # top-1: the same active parameters, plus the routers
+    moe2 = bench.flops_per_token(GPTConfig(num_experts=4, top_k=2), 1024)
+    assert moe2 - moe1 == 6 * 12 * 8 * 768 ** 2  # a second expert per token
+    assert bench.flops_per_token(GPTConfig(num_experts=4, router="hash"), 1024) == dense
+
+
+def test_graph_health_counts_breaks_and_recompiles():
+    torch._dynamo.reset()
+
+    def clean(x):
+        return (x * 2).sin()
+
+    def breaking(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y.sin()
+
+    x = torch.randn(8)
+    compiled = torch.compile(clean, dynamic=False)
+    health = bench.count_graph_health(lambda: compiled(x), warmup_calls=1, more_calls=2)
+    assert (health["graph_breaks"], health["recompiles"]) == (0, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(breaking, dynamic=False)
+    assert bench.count_graph_health(lambda: compiled(x), 1, 1)["graph_breaks"] >= 1
+    torch._dynamo.reset()
+    compiled = torch.compile(clean, dynamic=False)
+    shapes = iter([8, 9, 10, 11])
+    health = bench.count_graph_health(lambda: compiled(torch.randn(next(shapes))), warmup_calls=1, more_calls=2)
+    assert health["recompiles"] >= 1  # a new shape after the first call
+
+
+def test_peak_tflops_by_device_name():
+    assert bench.device_peak_tflops(torch.device("cpu")) is None
+    names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4}
+    for name, peak in names.items():
+        assert next(p for key, p in bench.PEAK_TFLOPS if key in name) == peak
+
+
+def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--steps", "2", "--warmup", "1", "--no-health",
+                             "--device_batch_size", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| train step (ms, median) |" in result.stdout and "MoE/dense train step:" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["meta"]["torch"] == torch.__version__ and figures["meta"]["size"] == "small"
+    for mode in ("dense", "moe"):
+        r = figures["results"][mode]
+        assert r["step_ms"] > 0 and r["layer_ms"] > 0 and r["optimizer_ms"] > 0 and r["tokens_per_s"] > 0
+    assert figures["results"]["moe"]["params"] > 1.5 * figures["results"]["dense"]["params"]
+    assert figures["ratios"]["step_ms"] == pytest.approx(
+        figures["results"]["moe"]["step_ms"] / figures["results"]["dense"]["step_ms"])

@@ -1,0 +1,168 @@
+"""records/compare.py on real logs from the trainer and on hand-made edge cases."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, data_flags, torchrun
+
+sys.path.insert(0, str(ROOT / "records"))
+import compare  # noqa: E402
+
+FENCE = "=" * 100
+
+
+def our_log(path, vals, trains=(), num_iterations=100, hyper=None, tail="", router=()):
+    """A log in train_gpt2.py's format: fenced source, environment, hyperparameters, step lines."""
+    hyper = hyper or dict(batch_size=8, sequence_length=32, num_experts=1, num_iterations=num_iterations, seed=1)
+    lines = [FENCE, "print('source')", FENCE, "Running pytorch 2.13.0 compiled for CUDA None", FENCE,
+             f"hyperparameters: {hyper!r}"]
+    for step, loss, ms in vals:
+        lines.append(f"step:{step}/{num_iterations} val_loss:{loss:.4f} train_time:{ms}ms step_avg:{ms / max(step - 10, 1):.2f}ms")
+    for step, loss in trains:
+        lines.append(f"step:{step}/{num_iterations} train_loss:{loss:.4f} train_time:100ms step_avg:10.00ms")
+    lines += list(router)
+    path.write_text("\n".join(lines) + "\n" + tail)
+    return path
+
+
+def speedrun_log(path):
+    """The speedrun's own format: its source declares the hyperparameters; no hyperparameters line."""
+    source = ["@dataclass", "class Hyperparameters:",
+              "    batch_size : int = 8*64 # batch size, in sequences, across all devices",
+              "    sequence_length : int = 1024 # sequence length, in tokens",
+              "    num_iterations : int = 3200 # number of iterations to run"]
+    steps = [f"step:{s}/3200 val_loss:{v} train_time:{t}ms step_avg:{a}ms" for s, v, t, a in
+             [(0, "10.8258", 327, "nan"), (3000, "3.2901", 420000, "140.00"), (3200, "3.2785", 448000, "140.04")]]
+    path.write_text("\n".join([FENCE, *source, FENCE, "Running pytorch 2.5.1+cu124 compiled for CUDA 12.4",
+                               "nvidia-smi:", "| NVIDIA H100 80GB HBM3 |", FENCE,
+                               "step:1/3200 train_loss:10.8258 train_time:12839ms step_avg:nanms", *steps,
+                               "peak memory consumption: 22101 MiB"]) + "\n")
+    return path
+
+
+def test_reads_the_speedruns_own_format(tmp_path):
+    run = compare.parse_log(speedrun_log(tmp_path / "4a71cc92-0f43-4058-a033-23e85c1e98f1.txt"))
+    assert run.mode == "dense" and run.finished and run.final_val == 3.2785
+    assert run.tokens_per_step == 512 * 1024 and run.peak_mib == 22101
+    assert run.crossing(3.28) == (3200, 448000.0) and run.crossing(3.30) == (3000, 420000.0)
+    assert run.name == f"{tmp_path.name}/4a71cc92"
+    table = compare.runs_table([run], 3.28)
+    row = table.splitlines()[2]
+    assert "| dense | 3200/3200 | 3.2785 | 3200 | 448.0 s | 140.04 ms | 1.68B | 22101 MiB |" in row
+
+
+def test_a_run_that_never_reaches_the_target(tmp_path):
+    run = compare.parse_log(our_log(tmp_path / "r.txt", [(0, 6.0, 0), (50, 4.0, 500), (100, 3.5, 1000)]))
+    assert run.crossing(3.28) is None and run.finished
+    assert "| 100/100 | 3.5000 | - | - |" in compare.runs_table([run], 3.28)
+
+
+def test_a_single_validation_line(tmp_path):
+    run = compare.parse_log(our_log(tmp_path / "r.txt", [(0, 6.0, 0)], trains=[(1, 5.9), (2, 5.8)]))
+    assert run.final_val == 6.0 and not run.finished and run.last_step == 2
+    assert "2/100 unfinished" in compare.runs_table([run], 3.28)
+
+
+def test_a_log_cut_off_mid_line_is_read_to_its_last_complete_line(tmp_path, capsys):
+    path = our_log(tmp_path / "r.txt", [(0, 6.0, 0), (100, 3.0, 900)], tail="step:100/100 val_lo")
+    path.write_text(path.read_text().replace("step:100/100 val_loss:3.0000", "step:50/100 val_loss:3.9000"))
+    runs = compare.load_runs([str(path)])
+    assert "ends in the middle of a line" in capsys.readouterr().err
+    (run,) = runs
+    assert run.cut_off and not run.finished and run.final_val == 3.9
+    # a complete last line that is the final step, but the file was cut after it: still unfinished
+    cut = our_log(tmp_path / "c.txt", [(0, 6.0, 0), (100, 3.0, 900)], tail="peak mem")
+    assert not compare.parse_log(cut).finished
+
+
+def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_still_prints(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notes.txt").write_text("meeting notes\nnothing to see\n")
+    our_log(tmp_path / "trains_only.txt", [], trains=[(1, 5.0)])
+    our_log(tmp_path / "good.txt", [(0, 6.0, 0), (100, 3.2, 1000)])
+    result = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    assert f"skipped {tmp_path / 'empty.txt'}: empty file" in result.stderr
+    assert f"skipped {tmp_path / 'notes.txt'}: not a training log (no step lines)" in result.stderr
+    assert f"skipped {tmp_path / 'trains_only.txt'}: no validation line" in result.stderr
+    assert "good" in result.stdout and "| 3.2000 | 100 |" in result.stdout
+    only_bad = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path / "empty.txt")],
+                              capture_output=True, text=True)
+    assert only_bad.returncode == 1 and "no runs to compare" in only_bad.stderr
+
+
+def test_a_resumed_runs_repeated_steps_take_the_last_line(tmp_path):
+    path = our_log(tmp_path / "r.txt", [(0, 6.0, 0), (50, 4.0, 500), (50, 4.1, 520), (100, 3.1, 990)])
+    run = compare.parse_log(path)
+    assert run.val[50] == (4.1, 520.0, 520 / 40)
+
+
+def test_moe_mode_and_router_lines(tmp_path):
+    hyper = dict(batch_size=8, sequence_length=32, num_experts=4, top_k=1, router="learned", router_gate="st",
+                 aux_loss_coef=0.01, null_expert_bias=10.0, router_bias_rate=0.001, balance_scope="global")
+    router = ["step:100/100 router layer:0 train_load:0.2500,0.2500,0.3000,0.2000 val_load:0.25,0.25,0.25,0.25 "
+              "max_violation:0.2 entropy:0.9"]
+    run = compare.parse_log(our_log(tmp_path / "r.txt", [(0, 6.0, 0), (100, 3.1, 990)], hyper=hyper, router=router))
+    assert run.mode == "moe E4 top1 learned st aux0.01 null10.0 bias0.001 global"
+    assert run.router[100][0]["train_load"] == [0.25, 0.25, 0.3, 0.2] and run.router[100][0]["entropy"] == 0.9
+
+
+def test_student_t_fallback_matches_t_tables():
+    assert compare.student_t_cdf(-1.0, 1) == pytest.approx(0.25, abs=1e-12)  # Cauchy
+    assert compare.student_t_cdf(-2.132, 4) == pytest.approx(0.05, abs=2e-4)
+    assert compare.student_t_cdf(-2.821, 9) == pytest.approx(0.01, abs=1e-4)
+    assert compare.student_t_cdf(0.0, 7) == pytest.approx(0.5)
+    assert compare.student_t_cdf(2.132, 4) == pytest.approx(0.95, abs=2e-4)
+
+
+def test_group_statistics_and_the_one_sided_t_test(tmp_path, monkeypatch):
+    finals = [3.2770, 3.2790, 3.2765, 3.2782, 3.2774]
+    for i, v in enumerate(finals):
+        our_log(tmp_path / f"dense{i}.txt", [(0, 6.0, 0), (100, v, 1000)],
+                hyper=dict(batch_size=8, sequence_length=32, num_experts=1, seed=i))  # seeds differ: one config
+    our_log(tmp_path / "moe.txt", [(0, 6.0, 0), (100, 3.25, 1000)],
+            hyper=dict(batch_size=8, sequence_length=32, num_experts=4, top_k=1, seed=0))
+    our_log(tmp_path / "crashed.txt", [(0, 6.0, 0), (50, 3.9, 500)],
+            hyper=dict(batch_size=8, sequence_length=32, num_experts=1, seed=9))
+    runs = compare.load_runs([str(tmp_path)])
+    grouped = compare.groups(runs)
+    assert sorted(len(v) for v in grouped.values()) == [1, 6]
+    n, mean = 5, sum(finals) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / 4)
+    t = (mean - 3.28) / (sd / math.sqrt(n))
+    monkeypatch.setitem(sys.modules, "scipy", None)  # the fallback, as without scipy
+    p = compare.one_sided_p_value(finals, 3.28)
+    assert p == pytest.approx(compare.student_t_cdf(t, 4)) and p < 0.01
+    table = compare.groups_table(runs, 3.28)
+    dense_row = next(line for line in table.splitlines() if line.startswith("| dense"))
+    assert f"| 5 | {mean:.4f} | {sd:.4f} | {p:.3g} | 1 |" in dense_row
+    assert compare.one_sided_p_value([3.27], 3.28) != compare.one_sided_p_value([3.27], 3.28)  # nan for n = 1
+
+
+def test_logs_from_real_runs(shards, tmp_path):
+    """The trainer's own logs (dense and MoE), read back: the table has their numbers."""
+    for name, flags in [("dense", []), ("moe", ["--num_experts", "4", "--aux_loss_coef", "0.01"])]:
+        result = torchrun(1, [*TINY, *data_flags(shards), *flags, "--num_iterations", "20", "--warmdown_iters", "5",
+                              "--val_loss_every", "10", "--log_dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = compare.load_runs([str(tmp_path)])
+    assert sorted(r.mode for r in runs) == ["dense", "moe E4 top1 learned renorm aux0.01"]
+    for run in runs:
+        assert run.finished and sorted(run.val) == [0, 10, 20] and run.tokens_per_step == 8 * 32
+        assert math.isclose(run.val[0][0], math.log(128), abs_tol=1e-3) and run.final_val < run.val[0][0]
+    moe = next(r for r in runs if r.router)
+    assert sorted(moe.router) == [0, 10, 20] and sorted(moe.router[20]) == [0, 1]
+    assert len(moe.router[20][1]["val_load"]) == 4
+    out = tmp_path / "curves.png"
+    compare.plot(runs, str(out), target=3.28)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    run = compare.parse_log(our_log(tmp_path / "r.txt", [(0, 6.0, 0), (100, 3.1, 990)]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
+        compare.plot([run], str(tmp_path / "x.png"), 3.28)
