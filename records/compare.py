@@ -337,7 +337,7 @@ def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):
                 ax.plot(xs, [min(l) for l in loads], color=color, linestyle=":")
             experts = len(run.router[steps[-1]][layers[0]]["val_load"])
             ax.axhline(1 / experts, color="gray", linestyle="--", linewidth=1)
-            ax.set(xlabel="step", ylabel="fraction of tokens", ylim=(0, None),
+            ax.set(xlabel="step", ylabel="fraction of tokens",
                    title=f"{run.name}: {kind.replace('_', ' ')} per layer (solid: busiest expert, dotted: idlest)")
             ax.grid(alpha=0.3)
         train_ax.legend(fontsize=6, ncol=2)
