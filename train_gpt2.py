@@ -653,8 +653,9 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
 
 
 def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
-    differ = [f"{name} (checkpoint {checkpoint['args'].get(name, 'muon')!r}, now {getattr(args, name)!r})"
-              for name in FIXED_AT_RESUME if checkpoint["args"].get(name, "muon") != getattr(args, name)]
+    saved = checkpoint["args"]
+    differ = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(args, name)!r})"
+              for name in FIXED_AT_RESUME if saved.get(name) != getattr(args, name)]
     if differ:
         raise ConfigError(f"--resume {path}: the model or its optimizers differ in " + ", ".join(differ)
                           + "; resume with the checkpoint's values")
@@ -996,14 +997,9 @@ def main(argv=None) -> int:
         if step == warmup_end:
             clock.start()
 
-        if stopped_by:  # every rank agreed on it at the end of the previous step
-            clock.stop()
-            path = write_checkpoint(step)
-            print0(f"step:{step}/{args.num_iterations} stopped by {stopped_by}: checkpoint {path}")
-            print0(f"resume: rerun the same command with --resume {path}")
-            break
-
-        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+        # a stop asked for by a signal (every rank agreed on it at the end of the previous step) skips
+        # validation and checkpoints at once
+        if not stopped_by and (last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0)):
             clock.stop()
             val_loss, val_stats = validate()
             print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
@@ -1015,7 +1011,7 @@ def main(argv=None) -> int:
             if timing:
                 clock.start()
 
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        if stopped_by or (step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0))):
             clock.stop()
             path = write_checkpoint(step)
             if path is None:
@@ -1024,6 +1020,10 @@ def main(argv=None) -> int:
                 exit_code = 3
                 break
             last_checkpoint = path
+            if stopped_by:
+                print0(f"step:{step}/{args.num_iterations} stopped by {stopped_by}: checkpoint {path}")
+                print0(f"resume: rerun the same command with --resume {path}")
+                break
             if timing:
                 clock.start()
 
