@@ -706,6 +706,14 @@ class TrainClock:
             self.ms += 1000 * (time.perf_counter() - self.t0)
             self.t0 = None
 
+    @contextlib.contextmanager
+    def paused(self, resume: bool):
+        """Off the clock inside (validation, checkpoints); restarted afterwards if `resume`."""
+        self.stop()
+        yield
+        if resume:
+            self.start()
+
     def elapsed_ms(self) -> float:
         return self.ms + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
@@ -759,6 +767,20 @@ def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
     return lines
 
 
+def router_metrics(lines: list[str]) -> dict[str, float]:
+    """router_report()'s layer lines as flat metrics router/layer{l}/{field}[_{expert}] (for wandb)."""
+    metrics = {}
+    for line in lines:
+        if " router layer:" not in line:
+            continue
+        fields_ = dict(f.split(":", 1) for f in line.split()[2:])
+        layer = fields_.pop("layer")
+        for name, text in fields_.items():
+            for e, v in enumerate(text.split(",")):
+                metrics[f"router/layer{layer}/{name}" + (f"_{e}" if "," in text else "")] = float(v)
+    return metrics
+
+
 def log_header(code: str) -> str:
     """The log begins with the source, then the versions and nvidia-smi, each part fenced."""
     fence = "=" * 100 + "\n"
@@ -771,24 +793,40 @@ def log_header(code: str) -> str:
             + f"nvidia-smi:\n{smi}\n" + fence)
 
 
-def main(argv=None) -> int:
-    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
-    args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        check_args(args, world_size)
-        check_inputs(args, world_size)
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check_only:
-        if rank == 0:
-            print(f"ok: the flags and data check out for {world_size} rank(s)")
-        return 0
+@dataclass
+class Runtime:
+    """Where this process runs: its place among the ranks, its device and its precision."""
+    rank: int
+    local_rank: int
+    world_size: int
+    distributed: bool  # launched by torchrun, with a process group
+    device: torch.device
+    dtype: torch.dtype  # autocast and Newton-Schulz precision
+    compile_model: bool
 
-    # distributed setup: NCCL on GPUs, gloo on CPU; a plain single process without torchrun
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+def setup_runtime(args: Hyperparameters) -> Runtime:
+    """NCCL on GPUs, gloo on CPU; a plain single process without torchrun."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -801,297 +839,364 @@ def main(argv=None) -> int:
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    master_process = rank == 0
     dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    compile_model = use_cuda if args.compile is None else args.compile
+    return Runtime(rank=int(os.environ.get("RANK", 0)), local_rank=local_rank,
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)), distributed=distributed, device=device,
+                   dtype=dtype, compile_model=use_cuda if args.compile is None else args.compile)
 
-    def sync():
-        if use_cuda:
-            torch.cuda.synchronize()
 
-    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+def shutdown(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()  # rank 0 may still be writing; gloo aborts if a peer leaves early
+        dist.destroy_process_group()
 
-    checkpoint, resume_path = None, None
-    if args.resume:
-        resume_path = resolve_checkpoint(args.resume, args.log_dir)
-        checkpoint = load_checkpoint(resume_path)
 
-    # the same random seed on every rank (DDP also broadcasts rank 0's parameters)
-    seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
-    seed = int(all_reduce_sum(torch.tensor([seed if master_process else 0], device=device)).item())
-    torch.manual_seed(seed)
+def agree_on_seed(seed: int, rt: Runtime) -> int:
+    """The same random seed on every rank: --seed, or one drawn by rank 0 (DDP also broadcasts rank 0's
+    parameters)."""
+    seed = seed if seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+    return int(rt.all_reduce_sum(torch.tensor([seed if rt.master else 0], device=rt.device)).item())
 
-    # logging: the log is the record, so it begins with this file's source; a resumed run appends to its log
-    run_id = checkpoint["run_id"] if checkpoint else str(uuid.uuid4())
-    run_dir, logfile = os.path.join(args.log_dir, run_id), os.path.join(args.log_dir, f"{run_id}.txt")
-    code = open(os.path.abspath(__file__)).read()
-    if master_process:
-        os.makedirs(run_dir, exist_ok=True)
-        if not os.path.exists(logfile):
-            with open(logfile, "w") as f:
-                f.write(log_header(code))
 
-    def print0(s: str, console: bool = True):
-        if master_process:
+class RunLog:
+    """logs/<run id>.txt, written by rank 0, and the run's checkpoint folder logs/<run id>/. The log is the
+    record, so it begins with this file's source; a resumed run appends to its log. With --wandb the
+    metrics also go to Weights & Biases."""
+
+    def __init__(self, args: Hyperparameters, run_id: str, code: str, master: bool):
+        self.run_id, self.master, self.wandb = run_id, master, None
+        self.run_dir, self.path = os.path.join(args.log_dir, run_id), os.path.join(args.log_dir, f"{run_id}.txt")
+        if master:
+            os.makedirs(self.run_dir, exist_ok=True)
+            if not os.path.exists(self.path):
+                with open(self.path, "w") as f:
+                    f.write(log_header(code))
+            if args.wandb:
+                import wandb
+                self.wandb = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args),
+                                        resume="allow")
+
+    def __call__(self, line: str, console: bool = True):
+        if self.master:
             if console:
-                print(s, flush=True)
-            with open(logfile, "a") as f:
-                f.write(s + "\n")
+                print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
 
-    if checkpoint:
-        print0(f"resume: from {resume_path} at step {checkpoint['step']}")
-        changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
-                   if k not in ("resume", "check_only") and getattr(args, k, v) != v}
-        if changed:
-            print0(f"resume: flags changed since the checkpoint (was, now): {changed}")
-        if checkpoint["code"] != code:
-            print0("warning: train_gpt2.py differs from the source the checkpoint was trained with")
-    print0(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
-    print0(f"seed:{seed} world_size:{world_size} device:{device.type} dtype:{str(dtype)[6:]} compile:{compile_model}")
+    def metrics(self, values: dict[str, float], step: int):
+        if self.wandb:
+            self.wandb.log(values, step=step)
 
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def log_resume(log: RunLog, args: Hyperparameters, checkpoint: dict, path: str, code: str) -> None:
+    log(f"resume: from {path} at step {checkpoint['step']}")
+    changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
+               if k not in ("resume", "check_only") and getattr(args, k, v) != v}
+    if changed:
+        log(f"resume: flags changed since the checkpoint (was, now): {changed}")
+    if checkpoint["code"] != code:
+        log("warning: train_gpt2.py differs from the source the checkpoint was trained with")
+
+
+def open_loaders(args: Hyperparameters, rt: Runtime, accumulation: int,
+                 log: RunLog) -> tuple[DistributedDataLoader, DistributedDataLoader]:
     B, T = args.device_batch_size, args.sequence_length
-    train_accumulation_steps = args.batch_size // (B * world_size)
-    val_steps = args.val_tokens // (B * T * world_size)
-    train_loader = DistributedDataLoader(args.input_bin, B, T, rank, world_size, device)
-    val_loader = DistributedDataLoader(args.input_val_bin, B, T, rank, world_size, device)
-    print0(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
-           f"validation: {sum(val_loader.shard_tokens):,} tokens")
-    if train_loader.batches_per_pass() < args.num_iterations * train_accumulation_steps:
-        print0(f"warning: the training shards hold {train_loader.batches_per_pass() // train_accumulation_steps} "
-               f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
-               f"the first shard (download more shards to avoid it)")
+    train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device)
+    val_loader = DistributedDataLoader(args.input_val_bin, B, T, rt.rank, rt.world_size, rt.device)
+    log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
+        f"validation: {sum(val_loader.shard_tokens):,} tokens")
+    if train_loader.batches_per_pass() < args.num_iterations * accumulation:
+        log(f"warning: the training shards hold {train_loader.batches_per_pass() // accumulation} "
+            f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
+            f"the first shard (download more shards to avoid it)")
+    return train_loader, val_loader
 
-    raw_model = GPT(GPTConfig.from_args(args)).to(device)
-    optimizers = make_optimizers(raw_model, args, dtype)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
-                  for opt in optimizers]
-    start_step, clock = 0, TrainClock(sync=sync)
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the model, its optimizers and schedules, the loader's place, the clock."""
+    model: GPT  # the bare model (not compiled, not DDP-wrapped)
+    optimizers: list
+    schedulers: list
+    train_loader: DistributedDataLoader
+    clock: TrainClock
+    step: int = 0
+
+
+def checkpoint_state(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
+                     rt: Runtime) -> dict:
+    """The checkpoint's contents. A collective: every rank calls it (Muon's momenta are spread over ranks)."""
+    return dict(
+        step=step, run_id=log.run_id, code=code, args=dataclasses.asdict(args), world_size=rt.world_size,
+        model=state.model.state_dict(),
+        optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in state.optimizers],
+        schedulers=[sched.state_dict() for sched in state.schedulers],
+        train_loader=state.train_loader.state_dict(),  # ranks move in lockstep: one position describes all
+        train_time_ms=state.clock.ms, timed_steps=state.clock.steps,
+        rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if rt.cuda else {})))
+
+
+def restore(state: TrainState, checkpoint: dict, rt: Runtime) -> None:
+    """Put a checkpoint's contents back in place (the inverse of checkpoint_state)."""
+    state.model.load_state_dict(checkpoint["model"])
+    for opt, saved in zip(state.optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(saved)
+    for sched, saved in zip(state.schedulers, checkpoint["schedulers"]):
+        sched.load_state_dict(saved)
+    state.train_loader.load_state_dict(checkpoint["train_loader"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if rt.cuda and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    state.step = checkpoint["step"]
+    state.clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], rt.sync)
+
+
+def write_checkpoint(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
+                     rt: Runtime) -> str | None:
+    """Every rank takes part; rank 0 writes. None if the parameters are not finite: a poisoned state never
+    replaces a good checkpoint."""
+    finite = torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
+    if not finite.item():
+        return None
+    contents = checkpoint_state(state, step, log, code, args, rt)
+    path = os.path.join(log.run_dir, f"state_step{step:06d}.pt")
+    if rt.master:
+        save_checkpoint(contents, path, args.keep_checkpoints)
+    if rt.distributed:
+        dist.barrier()
+    return path
+
+
+def evaluate(model: nn.Module, val_loader: DistributedDataLoader, args: Hyperparameters,
+             rt: Runtime) -> tuple[float, dict]:
+    """The mean validation loss over --val_tokens (the same tokens each time, all ranks), and the MoE's
+    validation statistics: load [L, E] (summed), entropy and gate [L] (averaged)."""
+    model.eval()
+    val_loader.reset()
+    val_steps = args.val_tokens // (args.device_batch_size * args.sequence_length * rt.world_size)
+    val_loss = torch.zeros((), device=rt.device)
+    val_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)
+    entropy, gate = torch.zeros(args.n_layer, device=rt.device), torch.zeros(args.n_layer, device=rt.device)
+    with torch.no_grad():
+        for _ in range(val_steps):
+            x_val, y_val = val_loader.next_batch()
+            with rt.autocast():
+                loss, stats = model(x_val, y_val)
+            val_loss += loss
+            if args.num_experts > 1:
+                val_load += stats["load"]
+                entropy += stats["entropy"]
+                gate += stats["gate"]
+    count = val_steps * rt.world_size
+    return rt.all_reduce_sum(val_loss).item() / count, dict(
+        load=rt.all_reduce_sum(val_load), entropy=rt.all_reduce_sum(entropy) / count,
+        gate=rt.all_reduce_sum(gate) / count)
+
+
+def report_routers(step: int, train_load: torch.Tensor, val_stats: dict, model: GPT,
+                   val_loader: DistributedDataLoader, args: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """Router diagnostics at a validation (MoE runs, outside the timed region): train_load is this rank's
+    routed tokens since the last report. A collective: every rank calls it."""
+    load = rt.all_reduce_sum(train_load.clone())
+    if not rt.master:
+        return
+    per_layer = dict(gate_mean=val_stats["gate"])
+    if args.router == "learned":
+        val_loader.reset()
+        x_probe, y_probe = val_loader.next_batch()
+        probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
+        ce_norms, balance_norms = router_grad_norms(model, x_probe[:probe], y_probe[:probe], rt.autocast())
+        per_layer.update(entropy=val_stats["entropy"], ce_grad_norm=torch.tensor(ce_norms),
+                         balance_grad_norm=torch.tensor(balance_norms))
+        if args.router_bias_rate:
+            per_layer.update(bias=torch.stack([block.mlp.router.bias for block in model.transformer.h]))
+    lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
+    for line in lines:
+        log(line, console="warning" in line)
+    log.metrics(router_metrics(lines), step)
+
+
+def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None,
+              args: Hyperparameters) -> torch.Tensor:
+    """The training loss: cross-entropy plus the router's auxiliary losses."""
+    learned_router = args.num_experts > 1 and args.router == "learned"
+    if learned_router and args.aux_loss_coef:
+        loss = loss + args.aux_loss_coef * balance_loss(balance_load, stats["prob"])
+    if learned_router and args.router_z_loss_coef:  # ST-MoE's z-loss, summed over layers
+        loss = loss + args.router_z_loss_coef * stats["z"].sum()
+    return loss
+
+
+def train_step(model: nn.Module, state: TrainState, args: Hyperparameters,
+               rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over the batch's micro-batches. Returns this rank's mean train loss (on the device)
+    and the tokens it routed to each layer's experts [L, E]."""
+    model.train()
+    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
+    moe = args.num_experts > 1
+    train_loss = torch.zeros((), device=rt.device)
+    step_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # this rank's routed tokens
+    global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
+    for micro_step in range(accumulation):
+        # record quirk fixed: no_sync must wrap the forward too, not only backward()
+        syncing = not rt.distributed or micro_step == accumulation - 1
+        x, y = state.train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
+        with contextlib.nullcontext() if syncing else model.no_sync():
+            with rt.autocast():
+                loss, stats = model(x, y)
+            balance_load = stats.get("load")
+            if moe:
+                step_load += stats["load"].detach()
+            if moe and args.balance_scope == "global":
+                # global-batch balance (Qiu et al. 2025): the load fractions of all ranks and of this step's
+                # micro-batches so far; exactly the global batch's when a step is one micro-batch per rank
+                global_step_load += rt.all_reduce_sum(stats["load"].detach().clone())
+                balance_load = global_step_load
+            (objective(loss, stats, balance_load, args) / accumulation).backward()
+        train_loss += loss.detach()
+    for opt, sched in zip(state.optimizers, state.schedulers):
+        opt.step()
+        sched.step()
+    model.zero_grad(set_to_none=True)
+    if moe and args.router == "learned" and args.router_bias_rate:
+        # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the step's
+        # loads over ranks and micro-batches, so every rank moves its biases alike
+        for block, load in zip(state.model.transformer.h, rt.all_reduce_sum(step_load.clone())):
+            block.mlp.router.update_bias(load, args.router_bias_rate)
+    return train_loss / accumulation, step_load
+
+
+def catch_stop_signals() -> list[str]:
+    """Preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary.
+    The returned list collects the names of the signals received."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    return received
+
+
+def agree_at_step_end(train_loss: torch.Tensor, stop_asked: bool, rt: Runtime) -> tuple[float, bool]:
+    """One small all-reduce per step: the train loss averaged over ranks (the record logged rank 0's last
+    micro-batch), and whether any rank was asked to stop."""
+    control = torch.stack([train_loss, torch.tensor(float(stop_asked), device=rt.device)])
+    train_loss, stop_votes = rt.all_reduce_sum(control).tolist()
+    return train_loss / rt.world_size, stop_votes > 0
+
+
+def main(argv=None) -> int:
+    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
+    args = parse_args(argv)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    try:
+        check_args(args, world_size)
+        check_inputs(args, world_size)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        if rank == 0:
+            print(f"ok: the flags and data check out for {world_size} rank(s)")
+        return 0
+
+    # setup: ranks, device, seed, the log
+    rt = setup_runtime(args)
+    resume_path = resolve_checkpoint(args.resume, args.log_dir) if args.resume else None
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    seed = agree_on_seed(args.seed, rt)
+    torch.manual_seed(seed)
+    code = open(os.path.abspath(__file__)).read()
+    log = RunLog(args, checkpoint["run_id"] if checkpoint else str(uuid.uuid4()), code, rt.master)
+    if checkpoint:
+        log_resume(log, args, checkpoint, resume_path, code)
+    log(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
+    log(f"seed:{seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
+        f"compile:{rt.compile_model}")
+
+    # build: data, model, optimizers; then a checkpoint's state over them
+    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
     # the train loader starts at the beginning (record quirk fixed: the record fetched a batch before
     # resetting the loader, so it trained on the first batch twice)
+    train_loader, val_loader = open_loaders(args, rt, accumulation, log)
+    raw_model = GPT(GPTConfig.from_args(args)).to(rt.device)
+    optimizers = make_optimizers(raw_model, args, rt.dtype)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
+                  for opt in optimizers]
+    state = TrainState(raw_model, optimizers, schedulers, train_loader, TrainClock(sync=rt.sync))
     if checkpoint:
-        raw_model.load_state_dict(checkpoint["model"])
-        for opt, state in zip(optimizers, checkpoint["optimizers"]):
-            opt.load_state_dict(state)
-        for sched, state in zip(schedulers, checkpoint["schedulers"]):
-            sched.load_state_dict(state)
-        train_loader.load_state_dict(checkpoint["train_loader"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if use_cuda and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        start_step = checkpoint["step"]
-        clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], sync)
+        restore(state, checkpoint, rt)
         del checkpoint
-    model = torch.compile(raw_model) if compile_model else raw_model
-    if distributed:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    model = torch.compile(raw_model) if rt.compile_model else raw_model
+    if rt.distributed:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.cuda else None)
+    moe, clock, N = args.num_experts > 1, state.clock, args.num_iterations
+    train_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # routed tokens since the last val
+    stop_signals = catch_stop_signals()
 
-    wandb_run = None
-    if master_process and args.wandb:
-        import wandb
-        wandb_run = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args),
-                               resume="allow")
-
-    moe = args.num_experts > 1
-    learned_router = moe and args.router == "learned"
-    train_load = torch.zeros(args.n_layer, args.num_experts, device=device)  # routed tokens since the last val
-
-    routers = [block.mlp.router for block in raw_model.transformer.h] if learned_router else []
-
-    def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None) -> torch.Tensor:
-        """The training loss: cross-entropy plus the router's auxiliary losses."""
-        if learned_router and args.aux_loss_coef:
-            loss = loss + args.aux_loss_coef * balance_loss(balance_load, stats["prob"])
-        if learned_router and args.router_z_loss_coef:  # ST-MoE's z-loss, summed over layers
-            loss = loss + args.router_z_loss_coef * stats["z"].sum()
-        return loss
-
-    def validate() -> tuple[float, dict]:
-        model.eval()
-        val_loader.reset()
-        val_loss = torch.zeros((), device=device)
-        val_load = torch.zeros(args.n_layer, args.num_experts, device=device)
-        entropy, gate = torch.zeros(args.n_layer, device=device), torch.zeros(args.n_layer, device=device)
-        with torch.no_grad():
-            for _ in range(val_steps):
-                x_val, y_val = val_loader.next_batch()
-                with autocast:
-                    loss, stats = model(x_val, y_val)
-                val_loss += loss
-                if moe:
-                    val_load += stats["load"]
-                    entropy += stats["entropy"]
-                    gate += stats["gate"]
-        count = val_steps * world_size
-        return all_reduce_sum(val_loss).item() / count, dict(
-            load=all_reduce_sum(val_load), entropy=all_reduce_sum(entropy) / count, gate=all_reduce_sum(gate) / count)
-
-    def report_routers(step: int, val_stats: dict):
-        """Router diagnostics at a validation (MoE runs, outside the timed region)."""
-        load = all_reduce_sum(train_load.clone())
-        train_load.zero_()
-        if not master_process:
-            return
-        per_layer = dict(gate_mean=val_stats["gate"])
-        if learned_router:
-            val_loader.reset()
-            x_probe, y_probe = val_loader.next_batch()
-            probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
-            ce_norms, balance_norms = router_grad_norms(raw_model, x_probe[:probe], y_probe[:probe], autocast)
-            per_layer.update(entropy=val_stats["entropy"], ce_grad_norm=torch.tensor(ce_norms),
-                             balance_grad_norm=torch.tensor(balance_norms))
-            if args.router_bias_rate:
-                per_layer.update(bias=torch.stack([router.bias for router in routers]))
-        lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
-        for line in lines:
-            print0(line, console="warning" in line)
-        if wandb_run:  # the same numbers, as router/layer{l}/{field}[_{expert}]
-            metrics = {}
-            for line in lines:
-                if " router layer:" not in line:
-                    continue
-                fields_ = dict(f.split(":", 1) for f in line.split()[2:])
-                layer = fields_.pop("layer")
-                for name, text in fields_.items():
-                    for e, v in enumerate(text.split(",")):
-                        metrics[f"router/layer{layer}/{name}" + (f"_{e}" if "," in text else "")] = float(v)
-            wandb_run.log(metrics, step=step)
-
-    def write_checkpoint(step: int) -> str | None:
-        """Every rank takes part (Muon's momenta are spread over ranks); rank 0 writes. None if the
-        parameters are not finite: a poisoned state never replaces a good checkpoint."""
-        finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
-        if not finite.item():
-            return None
-        state = dict(
-            step=step, run_id=run_id, code=code, args=dataclasses.asdict(args), world_size=world_size,
-            model=raw_model.state_dict(),
-            optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in optimizers],
-            schedulers=[sched.state_dict() for sched in schedulers],
-            train_loader=train_loader.state_dict(),  # ranks move in lockstep: one position describes all
-            train_time_ms=clock.ms, timed_steps=clock.steps,
-            rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if use_cuda else {})))
-        path = os.path.join(run_dir, f"state_step{step:06d}.pt")
-        if master_process:
-            save_checkpoint(state, path, args.keep_checkpoints)
-        if distributed:
-            dist.barrier()
-        return path
-
-    # preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
-
-    # the clock excludes the first 10 steps of a session (compilation) and all validation and checkpointing
-    warmup_end = start_step + 10
-    last_checkpoint, stopped_by = resume_path, None
-    exit_code = 0
-    for step in range(start_step, args.num_iterations + 1):
-        last_step = step == args.num_iterations
-        timing = step >= warmup_end
+    # the loop: validate, checkpoint, train, log. The clock leaves out the first 10 steps of a session
+    # (compilation), validation and checkpoints.
+    start_step = state.step
+    warmup_end, last_checkpoint, stopped_by, exit_code = start_step + 10, resume_path, None, 0
+    for step in range(start_step, N + 1):
+        last_step, timing = step == N, step >= warmup_end
         if step == warmup_end:
             clock.start()
 
-        # a stop asked for by a signal (every rank agreed on it at the end of the previous step) skips
-        # validation and checkpoints at once
+        # a stop asked for by a signal (every rank agreed at the end of the previous step) skips validation
+        # and checkpoints at once
         if not stopped_by and (last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0)):
-            clock.stop()
-            val_loss, val_stats = validate()
-            print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
-                   f"step_avg:{step_avg(clock.ms, clock.steps):.2f}ms")
-            if wandb_run:
-                wandb_run.log(dict(val_loss=val_loss), step=step)
-            if moe:
-                report_routers(step, val_stats)
-            if timing:
-                clock.start()
+            with clock.paused(resume=timing):
+                val_loss, val_stats = evaluate(model, val_loader, args, rt)
+                log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
+                    f"step_avg:{step_avg(clock.ms, clock.steps):.2f}ms")
+                log.metrics(dict(val_loss=val_loss), step)
+                if moe:
+                    report_routers(step, train_load, val_stats, raw_model, val_loader, args, rt, log)
+                    train_load.zero_()
 
         if stopped_by or (step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0))):
-            clock.stop()
-            path = write_checkpoint(step)
+            with clock.paused(resume=timing):
+                path = write_checkpoint(state, step, log, code, args, rt)
             if path is None:
-                print0(f"step:{step}/{args.num_iterations} stopped: the parameters are not finite, so no checkpoint "
-                       f"was written; {diverged_hint(last_checkpoint)}")
+                log(f"step:{step}/{N} stopped: the parameters are not finite, so no checkpoint was written; "
+                    f"{diverged_hint(last_checkpoint)}")
                 exit_code = 3
                 break
             last_checkpoint = path
             if stopped_by:
-                print0(f"step:{step}/{args.num_iterations} stopped by {stopped_by}: checkpoint {path}")
-                print0(f"resume: rerun the same command with --resume {path}")
+                log(f"step:{step}/{N} stopped by {stopped_by}: checkpoint {path}")
+                log(f"resume: rerun the same command with --resume {path}")
                 break
-            if timing:
-                clock.start()
 
         if last_step:
             break
-
-        # --------------- TRAINING SECTION BEGIN -----------------
-        model.train()
-        train_loss = torch.zeros((), device=device)
-        step_load = torch.zeros(args.n_layer, args.num_experts, device=device)  # this rank's routed tokens
-        global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
-        for micro_step in range(train_accumulation_steps):
-            # record quirk fixed: no_sync must wrap the forward too, not only backward()
-            syncing = not distributed or micro_step == train_accumulation_steps - 1
-            x, y = train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
-            with contextlib.nullcontext() if syncing else model.no_sync():
-                with autocast:
-                    loss, stats = model(x, y)
-                balance_load = stats.get("load")
-                if moe:
-                    step_load += stats["load"].detach()
-                if moe and args.balance_scope == "global":
-                    # global-batch balance (Qiu et al. 2025): the load fractions of all ranks and of this step's
-                    # micro-batches so far; exactly the global batch's when a step is one micro-batch per rank
-                    global_step_load += all_reduce_sum(stats["load"].detach().clone())
-                    balance_load = global_step_load
-                (objective(loss, stats, balance_load) / train_accumulation_steps).backward()
-            train_loss += loss.detach()
-        for opt, sched in zip(optimizers, schedulers):
-            opt.step()
-            sched.step()
-        model.zero_grad(set_to_none=True)
-        if routers and args.router_bias_rate:
-            # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the
-            # step's loads over ranks and micro-batches, so every rank moves its biases alike
-            for router, load in zip(routers, all_reduce_sum(step_load.clone())):
-                router.update_bias(load, args.router_bias_rate)
+        train_loss, step_load = train_step(model, state, args, rt)
         train_load += step_load
-        # --------------- TRAINING SECTION END -------------------
         if timing:
             clock.steps += 1
 
-        # one small all-reduce per step: the train loss averaged over micro-batches and ranks (the record
-        # logged rank 0's last micro-batch), and whether any rank was asked to stop
-        stop_vote = torch.tensor(float(bool(stop_signal)), device=device)
-        control = torch.stack([train_loss / train_accumulation_steps, stop_vote])
-        train_loss, stop_votes = all_reduce_sum(control).tolist()
-        train_loss /= world_size
+        train_loss, stop_asked = agree_at_step_end(train_loss, bool(stop_signals), rt)
         approx_ms = clock.elapsed_ms()
-        print0(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
-               f"step_avg:{step_avg(approx_ms, clock.steps):.2f}ms")
-        if wandb_run:
-            wandb_run.log(dict(train_loss=train_loss), step=step + 1)
+        log(f"step:{step + 1}/{N} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
+            f"step_avg:{step_avg(approx_ms, clock.steps):.2f}ms")
+        log.metrics(dict(train_loss=train_loss), step + 1)
         if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
-            print0(f"step:{step + 1}/{args.num_iterations} stopped: the train loss is {train_loss}, so nothing "
-                   f"after step {step} was saved; {diverged_hint(last_checkpoint)}")
+            log(f"step:{step + 1}/{N} stopped: the train loss is {train_loss}, so nothing after step {step} was "
+                f"saved; {diverged_hint(last_checkpoint)}")
             exit_code = 3
             break
-        if stop_votes > 0:
-            stopped_by = (stop_signal or ["a signal on another rank"])[0]
+        if stop_asked:
+            stopped_by = (stop_signals or ["a signal on another rank"])[0]
 
-    if use_cuda:
-        print0(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
-    if distributed:
-        dist.barrier()  # rank 0 may still be writing; gloo aborts if a peer leaves early
-        dist.destroy_process_group()
-    if wandb_run:
-        wandb_run.finish()
+    if rt.cuda:
+        log(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
+    shutdown(rt)
+    log.close()
     return exit_code
 
 
