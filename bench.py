@@ -50,10 +50,12 @@ def cpu_name() -> str:
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM's count): 6 x the matmul parameters a token uses, plus attention's
-    12 x layers x width x sequence length. The MoE's active parameters are top_k experts and the router."""
+    12 x layers x width x sequence length. The MoE's active parameters are top_k experts, the shared expert
+    and the router: an MLP of width top_k x expert_hidden + shared_expert_hidden, plus C x E."""
     C, L = config.n_embd, config.n_layer
-    mlp = 8 * C * C * (config.top_k if config.num_experts > 1 else 1)
-    router = C * config.num_experts if config.num_experts > 1 and config.router == "learned" else 0
+    moe = config.num_experts > 1
+    mlp = 2 * C * ((config.top_k if moe else 1) * config.expert_width + config.shared_expert_hidden)
+    router = C * config.num_experts if moe and config.router == "learned" else 0
     active = L * (4 * C * C + mlp + router) + config.vocab_size * C
     return 6 * active + 12 * L * C * seq_len
 
@@ -113,8 +115,7 @@ class Setup:
 
     def __init__(self, args, num_experts: int, device: torch.device, compile_model: bool):
         hyper = Hyperparameters(**{k: v for k, v in SIZES[args.size].items() if k != "device_batch_size"},
-                                num_experts=num_experts, top_k=args.top_k if num_experts > 1 else 1,
-                                aux_loss_coef=0.01 if num_experts > 1 else 0.0)
+                                **moe_fields(args, num_experts), aux_loss_coef=0.01 if num_experts > 1 else 0.0)
         self.config = GPTConfig.from_args(hyper)
         self.device, self.args = device, args
         torch.manual_seed(0)
@@ -147,10 +148,18 @@ class Setup:
         self.model.zero_grad(set_to_none=True)
 
 
+def moe_fields(args, num_experts: int) -> dict:
+    """The MoE's settings from the command line; the dense model (num_experts 1) keeps the record's MLP."""
+    if num_experts == 1:
+        return dict(num_experts=1)
+    return dict(num_experts=num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
+                shared_expert_hidden=args.shared_expert_hidden)
+
+
 def bench_layer(args, num_experts: int, device: torch.device, timer: Timer) -> float:
     """Forward and backward of one MLP layer (dense) or MoE layer at the model's shapes, on normalised input."""
     size = SIZES[args.size]
-    config = GPTConfig(n_embd=size["n_embd"], num_experts=num_experts, top_k=args.top_k if num_experts > 1 else 1)
+    config = GPTConfig(n_embd=size["n_embd"], **moe_fields(args, num_experts))
     torch.manual_seed(0)
     layer = (MLP(config) if num_experts == 1 else MoE(config)).to(device)
     torch.nn.init.normal_(layer.c_proj.weight if num_experts == 1 else layer.c_proj, std=0.02)
@@ -173,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--device_batch_size", type=int, help="sequences per step (default: the size's)")
     parser.add_argument("--num_experts", type=int, default=4)
     parser.add_argument("--top_k", type=int, default=1)
+    parser.add_argument("--expert_hidden", type=int, help="each routed expert's hidden width (default: 4 x width)")
+    parser.add_argument("--shared_expert_hidden", type=int, default=0, help="the shared expert's width (0: none)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                         help="time the compiled model (default: on with CUDA)")
@@ -188,6 +199,8 @@ def main(argv=None):
     if args.num_experts < 2 or not 1 <= args.top_k <= args.num_experts:
         parser.error(f"--num_experts {args.num_experts} / --top_k {args.top_k}: need 2 or more experts and "
                      f"1 <= top_k <= num_experts")
+    if (args.expert_hidden is not None and args.expert_hidden <= 0) or args.shared_expert_hidden < 0:
+        parser.error("--expert_hidden must be positive and --shared_expert_hidden >= 0")
     device = torch.device("cuda" if cuda else "cpu")
     timer = Timer(device)
     peak = args.peak_tflops or device_peak_tflops(device)
@@ -233,7 +246,9 @@ def main(argv=None):
 
     def cell(v, spec):
         return "-" if v is None else format(v, spec)
-    print(f"\n| measure | dense | MoE (E={args.num_experts}, top-{args.top_k}) | MoE/dense |\n|---|---|---|---|")
+    shape = (f", H={args.expert_hidden}" if args.expert_hidden else "") + (
+        f", shared {args.shared_expert_hidden}" if args.shared_expert_hidden else "")
+    print(f"\n| measure | dense | MoE (E={args.num_experts}, top-{args.top_k}{shape}) | MoE/dense |\n|---|---|---|---|")
     for label, key, spec in rows:
         print(f"| {label} | {cell(results['dense'].get(key), spec)} | {cell(results['moe'].get(key), spec)} | "
               f"{cell(ratio(key), '.3f') if key not in ('graph_breaks', 'recompiles', 'host_syncs_per_step') else ''} |")
@@ -242,6 +257,8 @@ def main(argv=None):
     if args.json:
         meta = dict(device=device_name, torch=torch.__version__, command=" ".join(["python", *sys.argv]),
                     size=args.size, dtype=args.dtype, compile=args.compile, device_batch_size=args.device_batch_size,
+                    num_experts=args.num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
+                    shared_expert_hidden=args.shared_expert_hidden,
                     sequence_length=SIZES[args.size]["sequence_length"], peak_tflops=peak)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=results, ratios={k: ratio(k) for _, k, _ in rows}), f, indent=2)

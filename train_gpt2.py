@@ -65,13 +65,22 @@ class Hyperparameters:
     n_head: int = arg(6, "attention heads")
     n_embd: int = arg(768, "model width")
     # mixture of experts (num_experts 1 is the dense MLP)
-    num_experts: int = arg(1, "experts per MLP, each of the dense MLP's shape (1: the dense model)")
+    num_experts: int = arg(1, "experts per MLP (1: the dense model)")
     top_k: int = arg(1, "experts per token")
+    expert_hidden: typing.Optional[int] = arg(
+        None, "hidden width of each routed expert, or of the dense MLP (default: 4 x n_embd, the record's MLP)")
+    shared_expert_hidden: int = arg(
+        0, "hidden width of a shared expert, a dense MLP every token passes through besides its routed experts "
+        "(0: none). Active MLP width per token: top_k x expert_hidden + shared_expert_hidden")
     router: typing.Literal["learned", "hash"] = arg("learned", "learned: a linear router; hash: token id mod E")
     router_gate: typing.Literal["renorm", "prob", "st"] = arg(
         "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities; "
         "st: renorm's value with prob's gradient (straight-through)")
     null_expert_bias: float = arg(0.0, "b in the renorm gate p / (sum of chosen p + b)")
+    mlp_output_scale: float = arg(
+        1.0, "a constant multiplying every MLP branch's output (dense MLP, routed and shared experts). With Muon "
+        "and the zero-initialised out-projection it is the same as multiplying that projection's Muon lr by it "
+        "(tests/test_scale.py)")
     aux_loss_coef: float = arg(0.0, "weight of the Switch balance loss, summed over layers (training only)")
     balance_scope: typing.Literal["micro", "global"] = arg(
         "micro", "balance-loss load fractions per micro-batch, or gathered over all ranks and micro-batches")
@@ -110,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(choices=typing.get_args(hint), type=str)
         elif hint in (bool, typing.Optional[bool]):
             kwargs.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(hint) is typing.Union:  # Optional[int]: None means "derived from other flags"
+            kwargs.update(type=typing.get_args(hint)[0], metavar=typing.get_args(hint)[0].__name__.upper())
         else:
             kwargs.update(type=hint, metavar=hint.__name__.upper())
         parser.add_argument(f"--{f.name}", **kwargs)
@@ -151,6 +162,15 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--num_experts must be >= 1, got {args.num_experts}")
     if not 1 <= args.top_k <= args.num_experts:
         raise ConfigError(f"--top_k {args.top_k} must lie in [1, --num_experts {args.num_experts}]")
+    if args.expert_hidden is not None and args.expert_hidden <= 0:
+        raise ConfigError(f"--expert_hidden must be positive, got {args.expert_hidden} (omit it for 4 x n_embd)")
+    if args.shared_expert_hidden < 0:
+        raise ConfigError(f"--shared_expert_hidden must be >= 0 (0: no shared expert), got {args.shared_expert_hidden}")
+    if args.shared_expert_hidden and args.num_experts == 1:
+        raise ConfigError("--shared_expert_hidden needs --num_experts 2 or more; for a wider dense MLP use "
+                          "--expert_hidden")
+    if not (args.mlp_output_scale > 0 and math.isfinite(args.mlp_output_scale)):
+        raise ConfigError(f"--mlp_output_scale must be positive and finite, got {args.mlp_output_scale}")
     if args.router == "hash" and args.top_k != 1:
         raise ConfigError(f"--router hash sends each token to one expert; use --top_k 1, not {args.top_k}")
     if args.router == "hash" and args.aux_loss_coef:
@@ -312,10 +332,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        hidden = hidden or config.expert_width
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
         self.c_proj.weight.data.zero_()  # zero init suggested by @Grad62304977
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,8 +352,9 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> 
     """Rows offs[g-1]:offs[g] of x [N, in] times weight[g].T, for stacked weights [E, out, in]."""
     if grouped_mm is not None and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
         return grouped_mm(x, weight.mT, offs=offs)
-    # torch.compile traces grouped_mm in bf16 only: for float32, every expert multiplies every row and each
-    # row keeps its own expert's result (E x the FLOPs, but no host sync and no data-dependent shape)
+    # the slow path, which the run log announces: torch.compile traces grouped_mm in bf16 only, so for float32
+    # (or a torch without grouped_mm) every expert multiplies every row and each row keeps its own expert's
+    # result (E x the FLOPs, but no host sync and no data-dependent shape)
     rows = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
     group = torch.searchsorted(offs, rows, right=True).unsqueeze(1)
     return sum((group == g) * (x @ weight[g].mT) for g in range(weight.size(0)))
@@ -390,7 +412,8 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """num_experts MLPs of the dense shape, top_k per token, dropless; one grouped GEMM per projection.
+    """num_experts MLPs of hidden width expert_width, top_k per token, dropless, one grouped GEMM per
+    projection; and optionally a shared expert, a dense MLP that every token passes through.
 
     Tokens are ordered by a stable sort of their expert id, counted per expert on the device, multiplied by
     their experts' weights in one grouped GEMM per projection, then scattered back through the inverse
@@ -400,12 +423,14 @@ class MoE(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        E, C = config.num_experts, config.n_embd
+        E, C, H = config.num_experts, config.n_embd, config.expert_width
         self.num_experts, self.top_k = E, config.top_k
         self.router = Router(config)
-        # stacked [E, out, in] like nn.Linear weights, initialised like the dense MLP's
-        self.c_fc = nn.Parameter(torch.empty(E, 4 * C, C).uniform_(-C ** -0.5, C ** -0.5))
-        self.c_proj = nn.Parameter(torch.zeros(E, C, 4 * C))  # zero init, as the dense MLP
+        # stacked [E, out, in] like nn.Linear weights, each expert initialised like a dense MLP of its shape
+        self.c_fc = nn.Parameter(torch.empty(E, H, C).uniform_(-C ** -0.5, C ** -0.5))  # nn.Linear's bound
+        self.c_proj = nn.Parameter(torch.zeros(E, C, H))  # zero init, as the dense MLP
+        # DeepSeekMoE's shared expert: what every token needs need not be learnt by every routed expert
+        self.shared_expert = MLP(config, config.shared_expert_hidden) if config.shared_expert_hidden else None
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         B, T, C = x.shape
@@ -420,6 +445,8 @@ class MoE(nn.Module):
         h = expert_matmul(F.relu(h).square(), self.c_proj.to(dtype), offs)
         y = torch.index_copy(torch.empty_like(h), 0, order, h)  # back to token order
         y = (y.view(B * T, self.top_k, C) * gates.unsqueeze(-1).to(dtype)).sum(1)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
         return y.view(B, T, C), dict(load=load.float(), gate=gates.mean(), **stats)
 
 
@@ -428,14 +455,15 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config) if config.num_experts == 1 else MoE(config)
+        self.mlp_output_scale = config.mlp_output_scale
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
         h = F.rms_norm(x, (x.size(-1),))
-        if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h, idx)
-            return x + y, stats
-        return x + self.mlp(h), None
+        y, stats = self.mlp(h, idx) if isinstance(self.mlp, MoE) else (self.mlp(h), None)
+        if self.mlp_output_scale != 1.0:  # at 1.0 the graph stays exactly the record's
+            y = self.mlp_output_scale * y
+        return x + y, stats
 
 
 @dataclass
@@ -449,6 +477,14 @@ class GPTConfig:
     router: str = "learned"
     router_gate: str = "renorm"
     null_expert_bias: float = 0.0
+    expert_hidden: int | None = None  # None: 4 x n_embd
+    shared_expert_hidden: int = 0
+    mlp_output_scale: float = 1.0
+
+    @property
+    def expert_width(self) -> int:
+        """The hidden width of each routed expert (of the MLP, for the dense model)."""
+        return self.expert_hidden or 4 * self.n_embd
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> GPTConfig:
@@ -620,7 +656,8 @@ def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype) ->
 
 
 # the fields that fix the parameters' shapes and their optimizers: a checkpoint resumes only into the same ones
-FIXED_AT_RESUME = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "router", "router_optimizer"]
+FIXED_AT_RESUME = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "expert_hidden",
+                   "shared_expert_hidden", "router", "router_optimizer"]
 
 
 def resolve_checkpoint(resume: str, log_dir: str) -> str:
@@ -653,9 +690,10 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
 
 
 def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
-    saved = checkpoint["args"]
-    differ = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(args, name)!r})"
-              for name in FIXED_AT_RESUME if saved.get(name) != getattr(args, name)]
+    # a field the checkpoint lacks did not exist when it was written: the run used the field's default
+    saved = {**{f.name: f.default for f in fields(Hyperparameters)}, **checkpoint["args"]}
+    differ = [f"{name} (checkpoint {saved[name]!r}, now {getattr(args, name)!r})"
+              for name in FIXED_AT_RESUME if saved[name] != getattr(args, name)]
     if differ:
         raise ConfigError(f"--resume {path}: the model or its optimizers differ in " + ", ".join(differ)
                           + "; resume with the checkpoint's values")
@@ -742,7 +780,7 @@ def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) ->
 
 def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
                   per_layer: dict[str, torch.Tensor]) -> list[str]:
-    """One log line per MoE layer, then a warning line for each layer and expert whose validation load fell
+    """One log line per MoE layer, then a warning line for each layer with experts whose validation load fell
     below a quarter of uniform. Fields are key:value, vectors comma-separated; per_layer adds fields, each a
     tensor with one entry (or one vector) per layer."""
     def fractions(load):
@@ -760,10 +798,12 @@ def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
                    f"max_violation:{value(max_violation[layer])}"]
         fields_ += [f"{name}:{value(v[layer])}" for name, v in per_layer.items()]
         lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
-    floor = 0.25 / val_load.size(1)
-    for layer, expert in (val_frac < floor).nonzero().tolist():
-        lines.append(f"{prefix} warning: layer {layer} expert {expert} val_load {val_frac[layer, expert].item():.4f} "
-                     f"is below a quarter of uniform ({floor:.4f})")
+    floor = 0.25 / E
+    for layer in range(val_load.size(0)):  # one line per layer, however many experts starve
+        starved = (val_frac[layer] < floor).nonzero().flatten()
+        if len(starved):
+            lines.append(f"{prefix} warning: layer {layer} experts {','.join(map(str, starved.tolist()))} val_load "
+                         f"{value(val_frac[layer, starved])} below a quarter of uniform ({floor:.4f})")
     return lines
 
 
@@ -901,6 +941,17 @@ def log_resume(log: RunLog, args: Hyperparameters, checkpoint: dict, path: str, 
         log(f"resume: flags changed since the checkpoint (was, now): {changed}")
     if checkpoint["code"] != code:
         log("warning: train_gpt2.py differs from the source the checkpoint was trained with")
+
+
+def log_setup(log: RunLog, args: Hyperparameters, rt: Runtime, seed: int) -> None:
+    log(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
+    log(f"seed:{seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
+        f"compile:{rt.compile_model}")
+    if args.num_experts > 1 and (grouped_mm is None or (rt.compile_model and rt.dtype == torch.float32)):
+        why = (f"torch {torch.__version__} has no grouped_mm (upgrade torch, see requirements.txt)" if grouped_mm is None
+               else "torch.compile traces grouped_mm in bf16 only (use --dtype bfloat16, or --no-compile)")
+        log(f"warning: the MoE's slow path: every expert multiplies every token, {args.num_experts}x the expert "
+            f"FLOPs, because {why}")
 
 
 def open_loaders(args: Hyperparameters, rt: Runtime, accumulation: int,
@@ -1114,9 +1165,7 @@ def main(argv=None) -> int:
     log = RunLog(args, checkpoint["run_id"] if checkpoint else str(uuid.uuid4()), code, rt.master)
     if checkpoint:
         log_resume(log, args, checkpoint, resume_path, code)
-    log(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
-    log(f"seed:{seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
-        f"compile:{rt.compile_model}")
+    log_setup(log, args, rt, seed)
 
     # build: data, model, optimizers; then a checkpoint's state over them
     accumulation = args.batch_size // (args.device_batch_size * rt.world_size)

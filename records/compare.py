@@ -5,11 +5,12 @@ the line format; the MoE router lines of ours are optional to this reader.
     python records/compare.py records/                      # every log under records/, one table
     python records/compare.py logs/a.txt logs/b.txt --target 3.28
     python records/compare.py records/ --group              # mean, std and p-value per configuration
+    python records/compare.py records/ --group --baseline dense   # and Welch's t-test of each against dense
     python records/compare.py records/ --plot curves.png    # needs matplotlib
 
 A log that is empty, foreign (no step lines) or has no validation line is named on stderr and skipped. A
 run that stopped before its last step (crashed, preempted, still running, or cut off mid-line) is listed
-as unfinished and left out of the --group statistics.
+as unfinished and left out of the --group statistics. The statistics come from scipy (pip install scipy).
 """
 import argparse
 import ast
@@ -85,11 +86,14 @@ class Run:
 
     @property
     def mode(self) -> str:
-        experts = self.setting("num_experts", 1)
-        if experts == 1:
-            return "dense"
         s = self.setting
-        parts = [f"moe E{experts} top{s('top_k', 1)}", s("router", "learned")]
+        experts = s("num_experts", 1)
+        shape = ([f"H{s('expert_hidden')}"] if s("expert_hidden") else []) + (
+            [f"S{s('shared_expert_hidden')}"] if s("shared_expert_hidden") else []) + (
+            [f"scale{s('mlp_output_scale')}"] if s("mlp_output_scale", 1.0) != 1.0 else [])
+        if experts == 1:
+            return " ".join(["dense", *shape])
+        parts = [f"moe E{experts} top{s('top_k', 1)}", *shape, s("router", "learned")]
         if s("router", "learned") == "learned":
             parts.append(s("router_gate", "renorm"))
         for name, tag in [("aux_loss_coef", "aux"), ("null_expert_bias", "null"), ("router_z_loss_coef", "z"),
@@ -101,6 +105,20 @@ class Run:
         if s("router_optimizer", "muon") == "adam":
             parts.append(f"adam-router{s('router_lr')}")
         return " ".join(parts)
+
+    @property
+    def branch_scale(self) -> float | None:
+        """What multiplies the MLP branch's output at the last validation: mlp_output_scale x the summed gates of
+        a token's experts (top_k x the mean gate), averaged over layers. 1 for the dense model and the seed's
+        renormalised gate; about p / (p + b) for a null-expert bias b."""
+        scale = self.setting("mlp_output_scale", 1.0)
+        if self.setting("num_experts", 1) == 1:
+            return scale
+        if not self.router:
+            return None
+        layers = self.router[max(self.router)].values()
+        gates = [layer["gate_mean"] for layer in layers if "gate_mean" in layer]
+        return scale * self.setting("top_k", 1) * sum(gates) / len(gates) if gates else None
 
     @property
     def config_key(self) -> str:
@@ -176,54 +194,30 @@ def load_runs(paths: list[str]) -> list[Run]:
 # statistics: the speedrun's rule is a one-sided one-sample t-test of the final val losses against the target
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1 + aa * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    if x <= 0 or x >= 1:
-        return 0.0 if x <= 0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1 - front * _betacf(b, a, 1 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + t * t))
-    return tail if t < 0 else 1 - tail
+def scipy_stats():
+    try:
+        from scipy import stats
+    except ImportError:
+        raise SystemExit("error: --group and --baseline need scipy: pip install scipy") from None
+    return stats
 
 
 def one_sided_p_value(samples: list[float], target: float) -> float:
     """p-value of 'the mean is below target' (one-sample t-test, alternative 'less'); nan for n < 2."""
-    n = len(samples)
-    if n < 2:
+    if len(samples) < 2:
         return float("nan")
-    mean = sum(samples) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in samples) / (n - 1))
-    if sd == 0:
-        return 0.0 if mean < target else 1.0
-    t = (mean - target) / (sd / math.sqrt(n))
-    try:
-        from scipy import stats  # optional: the same number, from the reference implementation
-        return float(stats.ttest_1samp(samples, target, alternative="less").pvalue)
-    except ImportError:
-        return student_t_cdf(t, n - 1)
+    if len(set(samples)) == 1:  # no spread: the test is undefined, the answer is not
+        return 0.0 if samples[0] < target else 1.0
+    return float(scipy_stats().ttest_1samp(samples, target, alternative="less").pvalue)
+
+
+def welch_test(samples: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Welch's two-sample t-test (unequal variances) of samples against baseline: (t, two-sided p); nan when
+    either side has fewer than 2 runs. t < 0: the samples' mean is lower."""
+    if len(samples) < 2 or len(baseline) < 2:
+        return float("nan"), float("nan")
+    result = scipy_stats().ttest_ind(samples, baseline, equal_var=False)
+    return float(result.statistic), float(result.pvalue)
 
 # -----------------------------------------------------------------------------
 # tables and plots
@@ -259,9 +253,9 @@ def runs_table(runs: list[Run], target: float) -> str:
         rows.append([run.name, run.mode, steps, fmt(run.final_val, ".4f"),
                      fmt(crossing and crossing[0]), fmt(crossing and crossing[1] / 1000, ".1f", " s"),
                      fmt(last_val[2], ".2f", " ms"), fmt_tokens(tokens),
-                     fmt(run.peak_mib, "d", " MiB")])
+                     fmt(run.peak_mib, "d", " MiB"), fmt(run.branch_scale, ".4g")])
     return markdown(["run", "mode", "steps", "final val", f"step <= {target}", f"time <= {target}",
-                     "step_avg", "tokens", "peak memory"], rows)
+                     "step_avg", "tokens", "peak memory", "branch scale"], rows)
 
 
 def groups(runs: list[Run]) -> dict[str, list[Run]]:
@@ -288,16 +282,62 @@ def groups(runs: list[Run]) -> dict[str, list[Run]]:
     return labelled
 
 
+def finals_of(members: list[Run]) -> list[float]:
+    """The final validation losses of the finished runs."""
+    return [r.final_val for r in members if r.finished]
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mean = sum(xs) / n if n else float("nan")
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
+
+
+def mean_step_avg(members: list[Run]) -> float | None:
+    avgs = [r.val[max(r.val)][2] for r in members if r.finished and math.isfinite(r.val[max(r.val)][2])]
+    return sum(avgs) / len(avgs) if avgs else None
+
+
 def groups_table(runs: list[Run], target: float) -> str:
     rows = []
     for label, members in groups(runs).items():
-        finals = [r.final_val for r in members if r.finished]
-        n = len(finals)
-        mean = sum(finals) / n if n else float("nan")
-        sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / (n - 1)) if n > 1 else float("nan")
-        rows.append([label, str(n), fmt(mean, ".4f"), fmt(sd, ".4f"), fmt(one_sided_p_value(finals, target), ".3g"),
-                     str(len(members) - n)])
-    return markdown(["configuration", "n", "mean final val", "std", f"p (mean < {target})", "unfinished"], rows)
+        finals = finals_of(members)
+        mean, sd = mean_sd(finals)
+        rows.append([label, str(len(finals)), fmt(mean, ".4f"), fmt(sd, ".4f"), fmt(mean_step_avg(members), ".2f", " ms"),
+                     fmt(one_sided_p_value(finals, target), ".3g"), str(len(members) - len(finals))])
+    return markdown(["configuration", "n", "mean final val", "std", "mean step_avg", f"p (mean < {target})",
+                     "unfinished"], rows)
+
+
+def find_baseline(labels: list[str], wanted: str) -> str:
+    """The configuration label named by --baseline: an exact label, or the only one that contains it."""
+    if wanted in labels:
+        return wanted
+    matches = [label for label in labels if wanted in label]
+    if len(matches) != 1:
+        raise SystemExit(f"error: --baseline {wanted!r} names {'no' if not matches else len(matches)} configurations; "
+                         f"use one of: " + "; ".join(labels))
+    return matches[0]
+
+
+def comparison_table(runs: list[Run], baseline: str) -> str:
+    """Each configuration against the baseline's: the difference of the mean final val losses and Welch's
+    two-sample t-test (two-sided), one row per pair; the step_avg ratio says what the difference costs."""
+    grouped = groups(runs)
+    base_label = find_baseline(list(grouped), baseline)
+    base = finals_of(grouped[base_label])
+    base_mean, base_step = mean_sd(base)[0], mean_step_avg(grouped[base_label])
+    rows = []
+    for label, members in grouped.items():
+        if label == base_label:
+            continue
+        finals = finals_of(members)
+        t, p = welch_test(finals, base)
+        step = mean_step_avg(members)
+        rows.append([label, str(len(finals)), fmt(mean_sd(finals)[0] - base_mean, "+.4f"), fmt(t, ".2f"), fmt(p, ".3g"),
+                     fmt(step / base_step if step and base_step else None, ".3f")])
+    return markdown([f"configuration vs {base_label} (n={len(base)})", "n", "mean diff", "Welch t", "p (two-sided)",
+                     "step_avg ratio"], rows)
 
 
 def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):
@@ -350,6 +390,8 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="run logs, or folders searched for *.txt")
     parser.add_argument("--target", type=float, default=3.28, help="the val loss to reach (default: 3.28)")
     parser.add_argument("--group", action="store_true", help="statistics per configuration")
+    parser.add_argument("--baseline", metavar="LABEL", help="with --group: Welch's t-test of every configuration "
+                        "against this one (its label, or a part of it that names one, e.g. dense)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot val loss by step and time, and MoE loads")
     args = parser.parse_args(argv)
     runs = load_runs(args.paths)
@@ -357,9 +399,12 @@ def main(argv=None):
         print("no runs to compare", file=sys.stderr)
         return 1
     print(runs_table(runs, args.target))
-    if args.group:
+    if args.group or args.baseline:
         print()
         print(groups_table(runs, args.target))
+    if args.baseline:
+        print()
+        print(comparison_table(runs, args.baseline))
     if args.plot:
         plot(runs, args.plot, args.target)
         print(f"\nwrote {args.plot}")

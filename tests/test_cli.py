@@ -32,6 +32,7 @@ def test_flags_parse_to_the_field_types():
     assert a.num_iterations == 100 and isinstance(a.num_iterations, int)
     assert a.muon_lr == 0.01 and a.dtype == "bfloat16" and a.compile is False
     assert parse_args(["--compile"]).compile is True and parse_args([]).compile is None
+    assert parse_args(["--expert_hidden", "768"]).expert_hidden == 768 and parse_args([]).expert_hidden is None
 
 
 def test_lr_schedule_is_constant_then_linear_warmdown():
@@ -73,6 +74,16 @@ BAD_INPUTS = [
     (["--num_experts", "4", "--router_gate", "st", "--null_expert_bias", "1"], 1, "needs a value >= 0 and --router_gate renorm"),
     (["--balance_scope", "world"], 1, "argument --balance_scope: invalid choice: 'world'"),
     (["--router_optimizer", "sgd"], 1, "argument --router_optimizer: invalid choice: 'sgd'"),
+    (["--num_experts", "16", "--top_k", "4", "--expert_hidden", "0"], 1,
+     "--expert_hidden must be positive, got 0 (omit it for 4 x n_embd)"),
+    (["--num_experts", "16", "--top_k", "4", "--expert_hidden", "-32"], 1, "--expert_hidden must be positive, got -32"),
+    (["--num_experts", "16", "--top_k", "3", "--shared_expert_hidden", "-1"], 1,
+     "--shared_expert_hidden must be >= 0 (0: no shared expert), got -1"),
+    (["--shared_expert_hidden", "32"], 1, "--shared_expert_hidden needs --num_experts 2 or more"),
+    (["--num_experts", "16", "--top_k", "17", "--expert_hidden", "8"], 1, "--top_k 17 must lie in [1, --num_experts 16]"),
+    (["--expert_hidden", "wide"], 1, "argument --expert_hidden: invalid int value: 'wide'"),
+    (["--mlp_output_scale", "0"], 1, "--mlp_output_scale must be positive and finite, got 0.0"),
+    (["--mlp_output_scale", "nan"], 1, "--mlp_output_scale must be positive and finite, got nan"),
 ]
 
 

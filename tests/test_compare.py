@@ -110,15 +110,8 @@ def test_moe_mode_and_router_lines(tmp_path):
     assert run.router[100][0]["train_load"] == [0.25, 0.25, 0.3, 0.2] and run.router[100][0]["entropy"] == 0.9
 
 
-def test_student_t_fallback_matches_t_tables():
-    assert compare.student_t_cdf(-1.0, 1) == pytest.approx(0.25, abs=1e-12)  # Cauchy
-    assert compare.student_t_cdf(-2.132, 4) == pytest.approx(0.05, abs=2e-4)
-    assert compare.student_t_cdf(-2.821, 9) == pytest.approx(0.01, abs=1e-4)
-    assert compare.student_t_cdf(0.0, 7) == pytest.approx(0.5)
-    assert compare.student_t_cdf(2.132, 4) == pytest.approx(0.95, abs=2e-4)
-
-
-def test_group_statistics_and_the_one_sided_t_test(tmp_path, monkeypatch):
+def test_group_statistics_and_the_one_sided_t_test(tmp_path):
+    from scipy import stats
     finals = [3.2770, 3.2790, 3.2765, 3.2782, 3.2774]
     for i, v in enumerate(finals):
         our_log(tmp_path / f"dense{i}.txt", [(0, 6.0, 0), (100, v, 1000)],
@@ -133,13 +126,54 @@ def test_group_statistics_and_the_one_sided_t_test(tmp_path, monkeypatch):
     n, mean = 5, sum(finals) / 5
     sd = math.sqrt(sum((x - mean) ** 2 for x in finals) / 4)
     t = (mean - 3.28) / (sd / math.sqrt(n))
-    monkeypatch.setitem(sys.modules, "scipy", None)  # the fallback, as without scipy
     p = compare.one_sided_p_value(finals, 3.28)
-    assert p == pytest.approx(compare.student_t_cdf(t, 4)) and p < 0.01
+    assert p == pytest.approx(stats.t.cdf(t, n - 1)) and p < 0.01  # 'less': the lower tail
+    assert compare.one_sided_p_value([3.2790, 3.2810, 3.2800], 3.28) == pytest.approx(0.5)
     table = compare.groups_table(runs, 3.28)
     dense_row = next(line for line in table.splitlines() if line.startswith("| dense"))
-    assert f"| 5 | {mean:.4f} | {sd:.4f} | {p:.3g} | 1 |" in dense_row
+    assert f"| 5 | {mean:.4f} | {sd:.4f} | 11.11 ms | {p:.3g} | 1 |" in dense_row
     assert compare.one_sided_p_value([3.27], 3.28) != compare.one_sided_p_value([3.27], 3.28)  # nan for n = 1
+
+
+def test_welch_two_sample_test_against_a_baseline(tmp_path, capsys):
+    from scipy import stats
+    configs = {"dense": (dict(num_experts=1), [3.2770, 3.2790, 3.2765, 3.2782]),
+               "fine": (dict(num_experts=16, top_k=4, expert_hidden=192), [3.2601, 3.2644, 3.2610]),
+               "same": (dict(num_experts=4, top_k=1), [3.2781, 3.2769, 3.2777])}
+    for name, (hyper, finals) in configs.items():
+        for i, v in enumerate(finals):
+            our_log(tmp_path / f"{name}{i}.txt", [(0, 6.0, 0), (100, v, 1000 if name == "dense" else 1200)],
+                    hyper=dict(batch_size=8, sequence_length=32, seed=i, **hyper))
+    a, b = configs["fine"][1], configs["dense"][1]
+    (ma, va), (mb, vb) = [(sum(x) / len(x), sum((y - sum(x) / len(x)) ** 2 for y in x) / (len(x) - 1)) for x in (a, b)]
+    t = (ma - mb) / math.sqrt(va / len(a) + vb / len(b))  # Welch's statistic and Welch-Satterthwaite's df
+    df = (va / len(a) + vb / len(b)) ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    p = 2 * stats.t.cdf(-abs(t), df)
+    assert compare.welch_test(a, b) == pytest.approx((t, p))
+    assert p < 0.01
+    assert compare.main([str(tmp_path), "--baseline", "dense"]) == 0
+    out = capsys.readouterr().out
+    assert "| configuration vs dense (n=4) |" in out
+    pairs = out.split("| configuration vs dense (n=4) |")[1]  # after the runs and groups tables
+    fine_row = next(l for l in pairs.splitlines() if l.startswith("| moe E16 top4 H192"))
+    assert fine_row == f"| moe E16 top4 H192 learned renorm | 3 | {ma - mb:+.4f} | {t:.2f} | {p:.3g} | 1.200 |"
+    same_row = next(l for l in pairs.splitlines() if l.startswith("| moe E4 top1"))
+    assert float(same_row.split(" | ")[4]) > 0.05  # no difference to find there
+    with pytest.raises(SystemExit, match="--baseline 'moe' names 2 configurations; use one of: "):
+        compare.main([str(tmp_path), "--baseline", "moe"])
+
+
+def test_branch_scale_of_a_null_bias_run_and_of_a_scaled_dense_run(tmp_path):
+    hyper = dict(batch_size=8, sequence_length=32, num_experts=4, top_k=1, router_gate="renorm",
+                 null_expert_bias=10.0)
+    router = [f"step:100/100 router layer:{l} train_load:0.25,0.25,0.25,0.25 val_load:0.25,0.25,0.25,0.25 "
+              f"max_violation:0 gate_mean:{g}" for l, g in [(0, 0.04), (1, 0.06)]]
+    run = compare.parse_log(our_log(tmp_path / "null.txt", [(0, 6.0, 0), (100, 3.1, 990)], hyper=hyper, router=router))
+    assert run.branch_scale == pytest.approx(0.05)
+    dense = compare.parse_log(our_log(tmp_path / "d.txt", [(0, 6.0, 0), (100, 3.1, 990)],
+                                      hyper=dict(batch_size=8, sequence_length=32, mlp_output_scale=0.05)))
+    assert dense.mode == "dense scale0.05" and dense.branch_scale == 0.05
+    assert compare.runs_table([run, dense], 3.28).splitlines()[2].endswith("| - | 0.05 |")
 
 
 def test_logs_from_real_runs(shards, tmp_path):

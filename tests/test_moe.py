@@ -21,7 +21,7 @@ def randomise(moe: MoE):
 
 
 def reference_moe(moe: MoE, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The seed's way: loop over tokens' chosen experts with plain matmuls."""
+    """The seed's way: loop over tokens' chosen experts with plain matmuls (plus the shared expert, if any)."""
     flat = x.reshape(-1, x.size(-1))
     experts, gates, _ = moe.router(flat, idx.reshape(-1))
     out = torch.zeros_like(flat)
@@ -30,6 +30,8 @@ def reference_moe(moe: MoE, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             rows = experts[:, j] == e
             h = F.relu(flat[rows] @ moe.c_fc[e].T).square() @ moe.c_proj[e].T
             out = out.index_add(0, rows.nonzero().squeeze(1), h * gates[rows, j:j + 1])
+    if moe.shared_expert is not None:
+        out = out + F.relu(flat @ moe.shared_expert.c_fc.weight.T).square() @ moe.shared_expert.c_proj.weight.T
     return out.view_as(x)
 
 
@@ -63,26 +65,34 @@ def test_identical_experts_equal_the_dense_mlp(top_k):
     assert stats["load"].sum() == 2 * 8 * top_k
 
 
-@pytest.mark.parametrize("top_k, gate", [(1, "renorm"), (2, "renorm"), (1, "prob"), (2, "prob")])
-def test_outputs_and_gradients_equal_a_per_expert_loop(top_k, gate):
+FINE_GRAINED = dict(num_experts=16, top_k=4, expert_hidden=C)  # E=16 top-4 at the dense MLP's active width
+
+
+@pytest.mark.parametrize("shape, gate", [
+    (dict(top_k=1), "renorm"), (dict(top_k=2), "renorm"), (dict(top_k=1), "prob"), (dict(top_k=2), "prob"),
+    (FINE_GRAINED, "renorm"), (FINE_GRAINED, "prob"), ({**FINE_GRAINED, "top_k": 3, "shared_expert_hidden": C}, "prob"),
+], ids=["top1-renorm", "top2-renorm", "top1-prob", "top2-prob", "E16-top4-renorm", "E16-top4-prob",
+        "E16-top3-shared-prob"])
+def test_outputs_and_gradients_equal_a_per_expert_loop(shape, gate):
     torch.manual_seed(0)
-    moe = randomise(MoE(config(top_k=top_k, router_gate=gate)))
+    moe = randomise(MoE(config(**shape, router_gate=gate)))
     starve_last_expert(moe)
     x = torch.randn(3, 10, C).abs().requires_grad_()
     idx = torch.zeros(3, 10, dtype=torch.long)
     y, stats = moe(x, idx)
-    assert stats["load"][-1] == 0 and stats["load"].sum() == 30 * top_k  # one expert gets no token
+    assert stats["load"][-1] == 0 and stats["load"].sum() == 30 * moe.top_k  # one expert gets no token
     y_ref = reference_moe(moe, x, idx)
     torch.testing.assert_close(y, y_ref)
     upstream = torch.randn_like(y)
-    params = [x, moe.c_fc, moe.c_proj, moe.router.weight]
+    shared = list(moe.shared_expert.parameters()) if moe.shared_expert is not None else []
+    params = [x, moe.c_fc, moe.c_proj, moe.router.weight, *shared]
     grads = torch.autograd.grad(y, params, upstream)
     grads_ref = torch.autograd.grad(y_ref, params, upstream)
-    for name, g, g_ref in zip(["x", "c_fc", "c_proj", "router"], grads, grads_ref):
+    for name, g, g_ref in zip(["x", "c_fc", "c_proj", "router", "shared c_fc", "shared c_proj"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, msg=name, atol=1e-6, rtol=1e-5)
     # the starved expert still gets a gradient, of zeros
     assert torch.count_nonzero(grads[1][-1]) == 0 and torch.count_nonzero(grads[2][-1]) == 0
-    assert torch.count_nonzero(grads[1][0]) > 0
+    assert all((torch.count_nonzero(grads[1][e]) > 0) == (stats["load"][e] > 0) for e in range(moe.num_experts))
 
 
 def test_gates_renorm_prob_and_null_expert_bias():
@@ -240,3 +250,139 @@ def test_moe_flags_default_to_the_dense_record():
     assert (a.num_experts, a.top_k, a.router, a.router_gate, a.null_expert_bias, a.aux_loss_coef) == \
         (1, 1, "learned", "renorm", 0.0, 0.0)
     assert all(not isinstance(b.mlp, MoE) for b in GPT(GPTConfig(n_layer=2)).transformer.h)
+
+
+def test_a_shared_expert_adds_a_dense_mlp_to_the_routed_output():
+    torch.manual_seed(0)
+    with_shared = randomise(MoE(config(**FINE_GRAINED, shared_expert_hidden=48)))
+    torch.nn.init.normal_(with_shared.shared_expert.c_proj.weight, std=0.05)
+    routed_only = MoE(config(**FINE_GRAINED))
+    routed_only.load_state_dict({k: v for k, v in with_shared.state_dict().items() if "shared" not in k})
+    mlp = MLP(config(), hidden=48)
+    mlp.load_state_dict(with_shared.shared_expert.state_dict())
+    assert mlp.c_fc.weight.shape == (48, C)
+    x, idx = torch.randn(2, 8, C), torch.zeros(2, 8, dtype=torch.long)
+    torch.testing.assert_close(with_shared(x, idx)[0], routed_only(x, idx)[0] + mlp(x))
+
+
+def test_fine_grained_and_shared_experts_start_like_dense_mlps_of_their_shape():
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(n_embd=768, num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=1024))
+    assert moe.c_fc.shape == (16, 768, 768) and moe.c_proj.shape == (16, 768, 768)
+    assert moe.shared_expert.c_fc.weight.shape == (1024, 768)
+    assert torch.count_nonzero(moe.c_proj) == 0 and torch.count_nonzero(moe.shared_expert.c_proj.weight) == 0
+    bound = 768 ** -0.5  # nn.Linear(768, H)'s bound whatever H: it depends on fan-in only
+    for w in (moe.c_fc, moe.shared_expert.c_fc.weight):
+        assert bound * 0.99 < w.abs().max() <= bound
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=16, top_k=3, expert_hidden=16,
+                          shared_expert_hidden=16))
+    loss, _ = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    assert loss.item() == pytest.approx(math.log(64), abs=1e-6)  # zero out-projections: the loss at step 0
+
+
+def test_muon_scales_each_matrix_by_its_own_shape():
+    """A wide expert [E, 4C, C] and a narrow one [E, C/2, C] get the update scale of their own shape,
+    max(1, rows/cols) ** 0.5, per expert: after one step from zero with momentum 0 the RMS of the update is that
+    scale times the orthogonalised RMS, (min(rows, cols) / (rows * cols)) ** 0.5 up to Newton-Schulz's band."""
+    torch.manual_seed(0)
+    for rows, cols in [(4 * C, C), (C // 2, C), (C, 4 * C)]:
+        p = torch.nn.Parameter(torch.zeros(3, rows, cols))
+        p.grad = torch.randn(3, rows, cols)
+        Muon([p], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32).step()
+        scale = max(1, rows / cols) ** 0.5
+        orth_rms = (min(rows, cols) / (rows * cols)) ** 0.5
+        for e in range(3):
+            rms = p[e].square().mean().sqrt().item() / (scale * orth_rms)
+            assert 0.6 < rms < 1.25, (rows, cols, rms)
+
+
+def test_two_process_fine_grained_moe_with_a_shared_expert_learns(shards, tmp_path):
+    args = [*TINY, *data_flags(shards), "--num_experts", "16", "--top_k", "4", "--expert_hidden", "8",
+            "--shared_expert_hidden", "16", "--aux_loss_coef", "0.01", "--num_iterations", "40",
+            "--warmdown_iters", "10", "--val_loss_every", "20", "--log_dir", str(tmp_path)]
+    result = torchrun(2, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, lines = run_log(tmp_path)
+    val = val_losses(lines)
+    assert abs(val[0] - LN_TINY_VOCAB) < 1e-3 and val[40] < val[0] - 1.0, val
+    router_lines = [l for l in lines if l.startswith("step:40/40 router layer:")]
+    assert len(router_lines) == 2  # one line per layer, whatever E
+    assert len(dict(f.split(":", 1) for f in router_lines[0].split()[2:])["val_load"].split(",")) == 16
+
+
+def test_router_warnings_are_one_line_per_layer_at_any_E():
+    from train_gpt2 import router_report
+    E = 64
+    load = torch.ones(2, E)
+    load[0, [3, 7, 9]] = 0  # three starving experts in layer 0, none in layer 1
+    lines = router_report("step:5/10", load, load, {})
+    warnings = [l for l in lines if "warning" in l]
+    assert len(lines) == 3 and len(warnings) == 1
+    assert warnings[0] == ("step:5/10 warning: layer 0 experts 3,7,9 val_load 0.0000,0.0000,0.0000 below a quarter "
+                           "of uniform (0.0039)")
+
+
+def test_the_slow_path_is_announced_once_in_the_log(tmp_path):
+    from train_gpt2 import Runtime, RunLog, log_setup
+
+    def setup_lines(compiled: bool, dtype: torch.dtype, experts: int) -> list[str]:
+        args = Hyperparameters(num_experts=experts, log_dir=str(tmp_path / f"{compiled}{dtype}{experts}"))
+        rt = Runtime(rank=0, local_rank=0, world_size=1, distributed=False, device=torch.device("cpu"), dtype=dtype,
+                     compile_model=compiled)
+        log = RunLog(args, "run", "source", master=True)
+        log_setup(log, args, rt, seed=1)
+        return [l for l in open(log.path).read().splitlines() if l.startswith("warning")]
+
+    (warning,) = setup_lines(True, torch.float32, 4)
+    assert warning == ("warning: the MoE's slow path: every expert multiplies every token, 4x the expert FLOPs, "
+                       "because torch.compile traces grouped_mm in bf16 only (use --dtype bfloat16, or --no-compile)")
+    assert setup_lines(True, torch.bfloat16, 4) == setup_lines(False, torch.float32, 4) == []
+    assert setup_lines(True, torch.float32, 1) == []  # the dense model has no experts
+
+
+def readme_configurations() -> list[tuple[str, dict, float, float]]:
+    """The README's table of MoE shapes at the dense model's active width: (label, flags, total M, active M)."""
+    import re
+    from conftest import ROOT
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| configuration | command | total parameters | active parameters |"):].split("\n\n")[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        label, command, total, active = [cell.strip(" `") for cell in line.strip("|").split("|")]
+        flags = dict(re.findall(r"--(\w+) (\S+)", command))
+        config = dict(num_experts=4, top_k=1) if "run_moe.sh" in command else {}  # run_moe.sh's own flags
+        config.update({k: int(v) for k, v in flags.items()})
+        rows.append((label, config, float(total.rstrip("M")), float(active.rstrip("M"))))
+    return rows
+
+
+def test_readme_configurations_have_the_dense_models_active_mlp_flops_and_their_stated_sizes():
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+    if torch.ops.aten._grouped_mm not in flop_registry:  # torch counts no FLOPs for it: 2 x rows x in x out
+        register_flop_formula(torch.ops.aten._grouped_mm)(
+            lambda a_shape, b_shape, *args, **kwargs: 2 * a_shape[0] * a_shape[1] * b_shape[-1])
+    rows = readme_configurations()
+    assert [r[0] for r in rows][:2] == ["dense (the record)", "E=4 top-1 H=3072 (the seed)"] and len(rows) >= 5
+    tokens = 16
+    flops = {}
+    for label, flags, total_m, active_m in rows:
+        config = GPTConfig(**flags)
+        with torch.device("meta"):  # exact parameter counts of the full model, without its memory
+            model = GPT(config)
+        total = sum(p.numel() for p in model.parameters())
+        mlp = model.transformer.h[0].mlp
+        inactive = 0 if config.num_experts == 1 else (config.num_experts - config.top_k) * (mlp.c_fc[0].numel() + mlp.c_proj[0].numel())
+        active = total - config.n_layer * inactive
+        assert (round(total / 1e6, 1), round(active / 1e6, 1)) == (total_m, active_m), label
+        torch.manual_seed(0)
+        layer = MLP(config) if config.num_experts == 1 else MoE(config)
+        x = torch.randn(1, tokens, config.n_embd)
+        with FlopCounterMode(display=False) as counter:
+            layer(x) if config.num_experts == 1 else layer(x, torch.zeros(1, tokens, dtype=torch.long))
+        counts = counter.get_flop_counts()
+        router = sum(counts.get("MoE.router", {}).values())
+        assert router == 2 * tokens * config.n_embd * config.num_experts * (config.num_experts > 1), label
+        flops[label] = (counter.get_total_flops() - router) / tokens
+    dense = flops.pop("dense (the record)")
+    assert dense == 2 * 2 * 768 * 3072  # forward: two matmuls of 768 x 3072 per token
+    assert flops == {label: dense for label in flops}
