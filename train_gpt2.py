@@ -632,7 +632,7 @@ def get_lr_multiplier(it: int, args: Hyperparameters) -> float:
     """No warmup by default, constant, then linear warmdown to zero (the record's schedule)."""
     if it < args.warmup_iters:
         return (it + 1) / args.warmup_iters
-    if it < args.num_iterations - args.warmdown_iters:
+    if it < args.num_iterations - args.warmdown_iters or not args.warmdown_iters:
         return 1.0
     return (args.num_iterations - it) / args.warmdown_iters
 

@@ -23,6 +23,12 @@ def test_flops_per_token_counts_active_parameters():
     moe2 = bench.flops_per_token(GPTConfig(num_experts=4, top_k=2), 1024)
     assert moe2 - moe1 == 6 * 12 * 8 * 768 ** 2  # a second expert per token
     assert bench.flops_per_token(GPTConfig(num_experts=4, router="hash"), 1024) == dense
+    # fine-grained and shared experts at the dense MLP's active width: only the routers add
+    fine = bench.flops_per_token(GPTConfig(num_experts=16, top_k=4, expert_hidden=768), 1024)
+    shared = bench.flops_per_token(GPTConfig(num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=768), 1024)
+    assert fine - dense == shared - dense == 6 * 12 * 768 * 16
+    wider = bench.flops_per_token(GPTConfig(num_experts=16, top_k=4, expert_hidden=768, shared_expert_hidden=768), 1024)
+    assert wider - fine == 6 * 12 * 2 * 768 * 768  # a shared expert of width 768 on top
 
 
 def test_graph_health_counts_breaks_and_recompiles():
@@ -57,10 +63,12 @@ def test_peak_tflops_by_device_name():
         assert next(p for key, p in bench.PEAK_TFLOPS if key in name) == peak
 
 
-def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path):
+@pytest.mark.parametrize("shape", [[], ["--num_experts", "16", "--top_k", "3", "--expert_hidden", "256",
+                                          "--shared_expert_hidden", "256"]], ids=["seed", "E16-top3-shared"])
+def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path, shape):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--steps", "2", "--warmup", "1", "--no-health",
-                             "--device_batch_size", "2", "--json", str(out)],
+                             "--device_batch_size", "2", "--json", str(out), *shape],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| train step (ms, median) |" in result.stdout and "MoE/dense train step:" in result.stdout
@@ -72,3 +80,8 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path):
     assert figures["results"]["moe"]["params"] > 1.5 * figures["results"]["dense"]["params"]
     assert figures["ratios"]["step_ms"] == pytest.approx(
         figures["results"]["moe"]["step_ms"] / figures["results"]["dense"]["step_ms"])
+    if shape:  # the active width 3 x 256 + 256 = 4 x 256: the dense model's FLOPs, plus the routers'
+        assert figures["meta"]["num_experts"] == 16 and figures["meta"]["shared_expert_hidden"] == 256
+        extra = figures["results"]["moe"]["flops_per_token"] - figures["results"]["dense"]["flops_per_token"]
+        assert extra == 6 * 4 * 256 * 16
+        assert "| measure | dense | MoE (E=16, top-3, H=256, shared 256) | MoE/dense |" in result.stdout

@@ -41,6 +41,9 @@ def test_lr_schedule_is_constant_then_linear_warmdown():
     assert get_lr_multiplier(90, a) == pytest.approx(0.5) and get_lr_multiplier(100, a) == 0.0
     w = Hyperparameters(num_iterations=100, warmup_iters=10, warmdown_iters=20)
     assert get_lr_multiplier(0, w) == pytest.approx(0.1) and get_lr_multiplier(9, w) == 1.0
+    # no warmdown: constant to the end, including the scheduler's step past the last one
+    flat = Hyperparameters(num_iterations=10, warmdown_iters=0)
+    assert [get_lr_multiplier(i, flat) for i in range(11)] == [1.0] * 11
 
 
 def check(args, world_size=1):
