@@ -351,12 +351,21 @@ def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):
     fig, axes = plt.subplots(1 + len(moe_runs), 2, figsize=(13, 4.5 * (1 + len(moe_runs))), squeeze=False)
     by_step, by_time = axes[0]
     later = [v[0] for r in runs for s, v in r.val.items() if s > 0] or [target]
+    # one colour per configuration, so that seeds of one configuration read as one band; one legend entry each
+    configuration = {id(run): label for label, members in groups(runs).items() for run in members}
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(dict.fromkeys(configuration.values()))}
+    labelled = set()
     for run in runs:
         steps = sorted(run.val)
-        label = f"{run.name} ({run.mode})"
-        by_step.plot(steps, [run.val[s][0] for s in steps], marker=".", label=label)
+        config_label = configuration[id(run)]
+        size = sum(label == config_label for label in configuration.values())
+        label = None if config_label in labelled else (
+            f"{config_label} ({size} runs)" if size > 1 else f"{run.name} ({config_label})")
+        labelled.add(config_label)
+        style = dict(marker=".", color=colours[config_label], label=label, alpha=0.8)
+        by_step.plot(steps, [run.val[s][0] for s in steps], **style)
         timed = [s for s in steps if s > 0]
-        by_time.plot([run.val[s][1] / 1000 for s in timed], [run.val[s][0] for s in timed], marker=".", label=label)
+        by_time.plot([run.val[s][1] / 1000 for s in timed], [run.val[s][0] for s in timed], **style)
     for ax, xlabel in ((by_step, "step"), (by_time, "train time (s)")):
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
         ax.set(xlabel=xlabel, ylabel="val loss", ylim=(min(later + [target]) - 0.02, max(later) + 0.05))
@@ -377,8 +386,8 @@ def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):
                 ax.plot(xs, [min(l) for l in loads], color=color, linestyle=":")
             experts = len(run.router[steps[-1]][layers[0]]["val_load"])
             ax.axhline(1 / experts, color="gray", linestyle="--", linewidth=1)
-            ax.set(xlabel="step", ylabel="fraction of tokens",
-                   title=f"{run.name}: {kind.replace('_', ' ')} per layer (solid: busiest expert, dotted: idlest)")
+            ax.set(xlabel="step", ylabel="fraction of tokens (solid: busiest, dotted: idlest)",
+                   title=f"{run.name}: {kind.replace('_', ' ')} per layer")
             ax.grid(alpha=0.3)
         train_ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
