@@ -90,3 +90,13 @@ def test_check_log_accepts_a_healthy_log_and_names_what_a_sick_one_lacks():
     for text, mode, cuda, message in cases:
         with pytest.raises(gpu_check.CheckFailed, match=message.replace("(", r"\(").replace(")", r"\)")):
             gpu_check.check_log(text, mode, 8, cuda=cuda)
+
+
+def test_the_budget_also_stops_an_end_to_end_run_in_flight(tmp_path):
+    # 6 s: the shards are written, the MoE run starts, and it is still going when the budget ends
+    result = run_check("--dry", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--budget_s", "6",
+                       "--skip", "tests,bench")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpu_check: FAILED: e2e") and last.endswith("6 s budget ran out (--budget_s)") or \
+        last == "gpu_check: FAILED: e2e moe: the check ran out of its 6 s budget (--budget_s)", last
