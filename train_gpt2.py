@@ -5,6 +5,11 @@ optional top-k Mixture-of-Experts MLP whose experts each have the dense MLP's sh
 Launch with torchrun (run_dense.sh does this for you); `python train_gpt2.py --help` lists every flag.
 Importing this file has no side effects, so the pieces (GPT, Muon, DistributedDataLoader, ...) can be
 used and tested on their own.
+
+Sections, in the order you would edit them: hyperparameters, Muon, the model (rotary, attention, MLP,
+routers, MoE, GPT), the data loader, training (the schedule, the optimizers, the loss, the step, the
+validation and the loop in main: what a speedrun tweak changes), then run control (log lines, checkpoints,
+signals, ranks and devices), which a tweak should not need to touch.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import glob
 import itertools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,9 +41,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Hyperparameters: one dataclass; every field is also a command-line flag.
 
 
-def arg(default, help):
-    """A Hyperparameters field whose help text is its comment."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    """A Hyperparameters field whose help text is its comment. choices: a function returning {choice: what it
+    does}, read when the flags are parsed (the routers register themselves further down this file)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def router_kinds() -> dict[str, str]:
+    return {name: kind.summary for name, kind in ROUTERS.items()}
 
 
 @dataclass
@@ -72,7 +83,7 @@ class Hyperparameters:
     shared_expert_hidden: int = arg(
         0, "hidden width of a shared expert, a dense MLP every token passes through besides its routed experts "
         "(0: none). Active MLP width per token: top_k x expert_hidden + shared_expert_hidden")
-    router: typing.Literal["learned", "hash"] = arg("learned", "learned: a linear router; hash: token id mod E")
+    router: str = arg("learned", "how each token chooses its experts", choices=router_kinds)
     router_gate: typing.Literal["renorm", "prob", "st"] = arg(
         "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities; "
         "st: renorm's value with prob's gradient (straight-through)")
@@ -97,7 +108,8 @@ class Hyperparameters:
     seed: int = arg(-1, "random seed for the initialisation (-1: draw one; it is written in the log)")
     dtype: typing.Literal["auto", "bfloat16", "float32"] = arg(
         "auto", "compute precision: bf16 autocast and Newton-Schulz (auto: bfloat16 on CUDA, float32 on CPU)")
-    compile: typing.Optional[bool] = arg(None, "torch.compile the model (default: on with CUDA, off on CPU)")
+    compile: typing.Optional[bool] = arg(
+        None, "torch.compile the model and Newton-Schulz (default: on with CUDA, off on CPU)")
     check_only: bool = arg(False, "check the flags, the data and the checkpoint, then exit without training")
     wandb: bool = arg(False, "also send the metrics to Weights & Biases (needs the wandb package)")
     wandb_project: str = arg("modded-nanogpt-moe", "Weights & Biases project")
@@ -115,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(Hyperparameters)
     for f in fields(Hyperparameters):
         hint, kwargs = hints[f.name], dict(default=f.default, help=f.metadata["help"])
-        if typing.get_origin(hint) is typing.Literal:
+        if f.metadata["choices"]:
+            choices = f.metadata["choices"]()
+            kwargs.update(choices=list(choices), type=str,
+                          help=kwargs["help"] + ": " + "; ".join(f"{k}: {v}" for k, v in choices.items()))
+        elif typing.get_origin(hint) is typing.Literal:
             kwargs.update(choices=typing.get_args(hint), type=str)
         elif hint in (bool, typing.Optional[bool]):
             kwargs.update(action=argparse.BooleanOptionalAction)
@@ -171,15 +187,10 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
                           "--expert_hidden")
     if not (args.mlp_output_scale > 0 and math.isfinite(args.mlp_output_scale)):
         raise ConfigError(f"--mlp_output_scale must be positive and finite, got {args.mlp_output_scale}")
-    if args.router == "hash" and args.top_k != 1:
-        raise ConfigError(f"--router hash sends each token to one expert; use --top_k 1, not {args.top_k}")
-    if args.router == "hash" and args.aux_loss_coef:
-        raise ConfigError("--router hash has no probabilities to balance; use --aux_loss_coef 0")
-    if args.router == "hash" and (args.router_z_loss_coef or args.router_bias_rate):
-        raise ConfigError("--router hash has no logits: --router_z_loss_coef and --router_bias_rate need "
-                          "--router learned")
     if args.null_expert_bias < 0 or (args.null_expert_bias and args.router_gate != "renorm"):
         raise ConfigError(f"--null_expert_bias {args.null_expert_bias}: needs a value >= 0 and --router_gate renorm")
+    if args.num_experts > 1:
+        ROUTERS[args.router].check_args(args)
     if args.wandb:
         try:
             import wandb  # noqa: F401
@@ -212,26 +223,49 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     return X
 
 
+def newton_schulz_flops(shape: torch.Size | tuple, steps: int = 5) -> int:
+    """The FLOPs of zeropower_via_newtonschulz5 on a tensor of this shape: per iteration and matrix, X X^T and
+    B X cost 2 m^2 n each and A A 2 m^3, with m <= n the matrix's sides."""
+    *stack, rows, cols = shape
+    m, n = min(rows, cols), max(rows, cols)
+    return math.prod(stack) * steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def balance_by_cost(costs: list[int], world_size: int) -> list[int]:
+    """The rank that owns each item: largest cost first, each to the least-loaded rank so far (ties: the lowest
+    rank), the same on every rank. Within 4/3 of the best possible maximum load (Graham's LPT rule)."""
+    load, owner = [0] * world_size, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[i] = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner[i]] += costs[i]
+    return owner
+
+
 class Muon(torch.optim.Optimizer):
     """Muon: SGD-momentum whose update is orthogonalised by Newton-Schulz, for 2-D (or stacked 3-D) weights.
 
-    Distributed as in the record: matrix i of a group is orthogonalised on rank i % world_size, the
-    updates are summed across ranks in one flat buffer, and every rank applies all of them. For a
-    stack of experts [E, rows, cols] the iteration, its normalisation and the scale are per expert.
+    Distributed as in the record, but balanced by cost: each matrix is orthogonalised on one rank, the updates
+    are summed across ranks in one flat buffer per group, and every rank applies all of them. The record
+    handed matrix i to rank i % world_size, which with expert stacks or a shared expert gives some ranks
+    several times the work of others; here each rank owns about the same Newton-Schulz FLOPs. For a stack of
+    experts [E, rows, cols] the iteration, its normalisation and the scale are per expert.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5,
-                 ns_dtype=torch.bfloat16, rank=None, world_size=None):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
+                 zeropower=None, rank=None, world_size=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         self.ns_dtype = ns_dtype
+        self.zeropower = zeropower or zeropower_via_newtonschulz5  # make_optimizers compiles it on GPUs, as the record
+        every = [p for group in self.param_groups for p in group["params"]]
+        owners = balance_by_cost([newton_schulz_flops(p.shape, ns_steps) for p in every], self.world_size)
+        self.owner = {id(p): r for p, r in zip(every, owners)}
 
-    def owns(self, index: int) -> bool:
-        """Whether this rank computes the update of the group's index-th matrix. For this model's 12 layers on
-        2, 4 or 8 ranks this is already balanced, expert stacks included."""
-        return index % self.world_size == self.rank
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether this rank computes the update of matrix p."""
+        return self.owner[id(p)] == self.rank
 
     def share(self, params: list, owned: dict, dtype: torch.dtype) -> list[torch.Tensor]:
         """Every rank contributes owned[i], a tensor shaped like params[i], for the matrices it owns; all ranks get
@@ -249,13 +283,13 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params, updates = group["params"], {}
             for i, p in enumerate(params):
-                if self.owns(i):
+                if self.owns(p):
                     if p.grad is None:
                         raise RuntimeError(f"Muon: parameter {i} of shape {tuple(p.shape)} has no gradient")
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"], dtype=self.ns_dtype)
+                    g = self.zeropower(g, steps=group["ns_steps"], dtype=self.ns_dtype)
                     updates[i] = g * max(1, g.size(-2) / g.size(-1)) ** 0.5
             for p, update in zip(params, self.share(params, updates, self.ns_dtype)):
                 p.add_(update.type_as(p), alpha=-group["lr"])
@@ -269,7 +303,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             owned = {i: self.state[p]["momentum_buffer"] for i, p in enumerate(params)
-                     if self.owns(i) and "momentum_buffer" in self.state[p]}
+                     if self.owns(p) and "momentum_buffer" in self.state[p]}
             for momentum in self.share(params, owned, torch.float32):
                 state["state"][next(index)] = dict(momentum_buffer=momentum.clone())
         return state
@@ -278,12 +312,12 @@ class Muon(torch.optim.Optimizer):
         """Load a full_state_dict(), keeping only the momenta of the matrices this rank owns."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if not self.owns(i):
+            for p in group["params"]:
+                if not self.owns(p):
                     self.state.pop(p, None)
 
 # -----------------------------------------------------------------------------
-# Model: rotary embedding, attention, MLP, GPT
+# Model: rotary embedding, attention, MLP, routers, MoE, GPT
 
 
 class Rotary(nn.Module):
@@ -344,53 +378,88 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-# grouped GEMM: one kernel for all experts over their contiguous runs of rows (CUTLASS on sm90 in bf16)
-grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# Routers. A router takes the tokens and returns, for each, its top_k experts, the gates that weight their
+# outputs, and statistics. A new router is one subclass, registered under its --router name:
+#
+#     @register_router("mine")
+#     class MyRouter(Router):
+#         summary = "what it does, for --help"
+#         def forward(self, x, idx): ...
+#
+# Nothing else in this file names a router kind: the flags a kind does not take are refused by
+# Router.check_args, its parameters (if any) go to the router optimizer, and the log reports what its
+# statistics hold.
+
+ROUTERS: dict[str, type[Router]] = {}
+# the flags that only some routers use; a router lists in `takes` those it does
+ROUTER_FLAGS = ["router_gate", "null_expert_bias", "aux_loss_coef", "balance_scope", "router_z_loss_coef",
+                "router_bias_rate"]
 
 
-def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows offs[g-1]:offs[g] of x [N, in] times weight[g].T, for stacked weights [E, out, in]."""
-    if grouped_mm is not None and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
-        return grouped_mm(x, weight.mT, offs=offs)
-    # the slow path, which the run log announces: torch.compile traces grouped_mm in bf16 only, so for float32
-    # (or a torch without grouped_mm) every expert multiplies every row and each row keeps its own expert's
-    # result (E x the FLOPs, but no host sync and no data-dependent shape)
-    rows = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
-    group = torch.searchsorted(offs, rows, right=True).unsqueeze(1)
-    return sum((group == g) * (x @ weight[g].mT) for g in range(weight.size(0)))
+def register_router(name: str):
+    """Class decorator: make a Router subclass the --router choice `name`."""
+    def register(kind: type[Router]) -> type[Router]:
+        kind.name = name
+        ROUTERS[name] = kind
+        return kind
+    return register
 
 
 class Router(nn.Module):
-    """Chooses top_k of num_experts for each token, and the gate that weights each chosen expert's output.
-
-    learned: softmax over a bias-free linear map of the token, in float32 whatever the autocast dtype.
-    Experts are chosen by probability + bias, where the bias (zero unless --router_bias_rate moves it)
-    balances the load without an auxiliary loss (DeepSeek-V3); the gate uses the unbiased probability.
-    hash: token id mod num_experts, gate 1, no parameters (Roller et al. 2021).
-    """
+    """The interface: forward(x [N, C], idx [N] token ids) -> (experts [N, top_k] int64, gates [N, top_k]
+    float32, stats). stats holds what the router can tell, each a scalar or an [E] tensor: `prob`, the mean
+    router probability of each expert (the balance loss needs it); `z`, the mean squared logsumexp of the
+    logits (the z-loss); `entropy`, the router entropy over ln E (logged). A router without probabilities
+    returns none of them."""
+    name = ""
+    summary = ""  # one line for --help
+    max_top_k: int | None = None  # how many experts a token can go to (None: any)
+    takes: frozenset[str] = frozenset()  # which of ROUTER_FLAGS it uses
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.top_k
-        self.kind, self.gate_kind, self.null_expert_bias = config.router, config.router_gate, config.null_expert_bias
-        if self.kind == "learned":
-            self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
-            nn.init.uniform_(self.weight, -config.n_embd ** -0.5, config.n_embd ** -0.5)  # nn.Linear's init
-            self.register_buffer("bias", torch.zeros(config.num_experts))  # a buffer: checkpointed, not trained
+
+    @classmethod
+    def check_args(cls, args: Hyperparameters) -> None:
+        """Refuse a flag this router does not use, when it is set away from its default."""
+        if cls.max_top_k is not None and args.top_k > cls.max_top_k:
+            raise ConfigError(f"--router {cls.name} sends each token to {cls.max_top_k} expert(s); use --top_k "
+                              f"{cls.max_top_k}, not {args.top_k}")
+        defaults = Hyperparameters()
+        for flag in ROUTER_FLAGS:
+            if flag not in cls.takes and getattr(args, flag) != getattr(defaults, flag):
+                users = [name for name, kind in ROUTERS.items() if flag in kind.takes]
+                raise ConfigError(f"--router {cls.name} does not use --{flag} (got {getattr(args, flag)}); leave it at "
+                                  f"{getattr(defaults, flag)}, or use a router that does: {', '.join(users) or 'none'}")
+
+    def update_bias(self, load: torch.Tensor, rate: float):
+        """Auxiliary-loss-free balancing after each step (only routers that take --router_bias_rate)."""
+        raise NotImplementedError
+
+
+@register_router("learned")
+class LearnedRouter(Router):
+    """Softmax over a bias-free linear map of the token, in float32 whatever the autocast dtype. Experts are
+    chosen by probability + bias, where the bias (zero unless --router_bias_rate moves it) balances the load
+    without an auxiliary loss (DeepSeek-V3); the gate uses the unbiased probability (--router_gate)."""
+    summary = "a linear router (softmax, top-k)"
+    takes = frozenset(ROUTER_FLAGS)
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.gate_kind, self.null_expert_bias = config.router_gate, config.null_expert_bias
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
+        nn.init.uniform_(self.weight, -config.n_embd ** -0.5, config.n_embd ** -0.5)  # nn.Linear's init
+        self.register_buffer("bias", torch.zeros(config.num_experts))  # a buffer: checkpointed, not trained
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float):
-        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
+        """Raise the bias of under-loaded experts, lower the over-loaded ones."""
         self.bias += rate * torch.sign(load.mean() - load)
         self.bias -= self.bias.mean()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """x [N, C], idx [N] token ids -> experts [N, top_k], gates [N, top_k] (float32), statistics."""
-        if self.kind == "hash":
-            experts = (idx % self.num_experts).unsqueeze(1)
-            zero = x.new_zeros((), dtype=torch.float32)
-            return experts, torch.ones(experts.shape, device=x.device), dict(
-                prob=x.new_zeros(self.num_experts, dtype=torch.float32), entropy=zero, z=zero)
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
@@ -411,6 +480,33 @@ class Router(nn.Module):
         return experts, gates, dict(prob=probs.mean(0), entropy=entropy, z=z)
 
 
+@register_router("hash")
+class HashRouter(Router):
+    """Token id mod num_experts, gate 1, no parameters (Roller et al. 2021)."""
+    summary = "token id mod E, no parameters"
+    max_top_k = 1
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        experts = (idx % self.num_experts).unsqueeze(1)
+        return experts, torch.ones(experts.shape, device=x.device), {}
+
+
+# grouped GEMM: one kernel for all experts over their contiguous runs of rows (CUTLASS on sm90 in bf16)
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] of x [N, in] times weight[g].T, for stacked weights [E, out, in]."""
+    if grouped_mm is not None and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
+        return grouped_mm(x, weight.mT, offs=offs)
+    # the slow path, which the run log announces: torch.compile traces grouped_mm in bf16 only, so for float32
+    # (or a torch without grouped_mm) every expert multiplies every row and each row keeps its own expert's
+    # result (E x the FLOPs, but no host sync and no data-dependent shape)
+    rows = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True).unsqueeze(1)
+    return sum((group == g) * (x @ weight[g].mT) for g in range(weight.size(0)))
+
+
 class MoE(nn.Module):
     """num_experts MLPs of hidden width expert_width, top_k per token, dropless, one grouped GEMM per
     projection; and optionally a shared expert, a dense MLP that every token passes through.
@@ -425,7 +521,7 @@ class MoE(nn.Module):
         super().__init__()
         E, C, H = config.num_experts, config.n_embd, config.expert_width
         self.num_experts, self.top_k = E, config.top_k
-        self.router = Router(config)
+        self.router = ROUTERS[config.router](config)
         # stacked [E, out, in] like nn.Linear weights, each expert initialised like a dense MLP of its shape
         self.c_fc = nn.Parameter(torch.empty(E, H, C).uniform_(-C ** -0.5, C ** -0.5))  # nn.Linear's bound
         self.c_proj = nn.Parameter(torch.zeros(E, C, H))  # zero init, as the dense MLP
@@ -504,8 +600,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy of predicting targets (-1 is ignored) from idx, both [B, T], and the MoE layers'
-        router statistics stacked over layers ({} for the dense model): load [L, E] (tokens per expert),
-        prob [L, E] (mean router probability), entropy, z (mean squared logsumexp) and gate (mean) [L]."""
+        statistics stacked over layers ({} for the dense model): load [L, E] (tokens per expert), gate [L] (its
+        mean), and whatever the router gives (prob [L, E], z [L], entropy [L] for the learned router)."""
         x = F.rms_norm(self.transformer.wte(idx), (self.config.n_embd,))  # @Grad62304977
         layer_stats = []
         for block in self.transformer.h:
@@ -625,34 +721,376 @@ class DistributedDataLoader:
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 # -----------------------------------------------------------------------------
-# Main: the distributed training loop
+# Training: the schedule, the optimizers, the loss, one step, the validation and the loop. A speedrun tweak
+# edits this section.
 
 
-def get_lr_multiplier(it: int, args: Hyperparameters) -> float:
-    """No warmup by default, constant, then linear warmdown to zero (the record's schedule)."""
-    if it < args.warmup_iters:
-        return (it + 1) / args.warmup_iters
-    if it < args.num_iterations - args.warmdown_iters or not args.warmdown_iters:
+def get_lr(step: int, args: Hyperparameters) -> float:
+    """The learning-rate multiplier of every optimizer at this step: no warmup by default, constant, then a
+    linear warmdown to zero (the record's schedule)."""
+    if step < args.warmup_iters:
+        return (step + 1) / args.warmup_iters
+    if step < args.num_iterations - args.warmdown_iters or not args.warmdown_iters:
         return 1.0
-    return (args.num_iterations - it) / args.warmdown_iters
+    return (args.num_iterations - step) / args.warmdown_iters
 
 
-def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype) -> list[torch.optim.Optimizer]:
-    """Adam for the embedding and the head, Muon for the blocks' matrices; the routers (a group of their own)
-    in Muon or Adam as --router_optimizer says."""
+def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype = torch.bfloat16,
+                    compile_ns: bool = False) -> list[torch.optim.Optimizer]:
+    """Adam for the embedding and the head, Muon for the blocks' matrices (Newton-Schulz compiled as the record
+    does, with compile_ns); the routers (a group of their own) in Muon or Adam as --router_optimizer says. Each
+    group keeps its base lr as "initial_lr"; train_step scales it by get_lr."""
     fused = dict(fused=True) if model.lm_head.weight.is_cuda else {}
     routers = [p for name, p in model.transformer.h.named_parameters() if ".router." in name]
     matrices = [p for name, p in model.transformer.h.named_parameters() if ".router." not in name]
+    zeropower = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
     optimizers = [
         torch.optim.Adam([model.transformer.wte.weight], lr=args.embed_lr, betas=(0.9, 0.95), **fused),
         torch.optim.Adam([model.lm_head.weight], lr=args.head_lr, betas=(0.9, 0.95), **fused),
         Muon([dict(params=matrices)] + ([dict(params=routers, lr=args.router_lr)]
                                         if routers and args.router_optimizer == "muon" else []),
-             lr=args.muon_lr, momentum=args.muon_momentum, ns_dtype=ns_dtype),
+             lr=args.muon_lr, momentum=args.muon_momentum, ns_dtype=ns_dtype, zeropower=zeropower),
     ]
     if routers and args.router_optimizer == "adam":
         optimizers.append(torch.optim.Adam(routers, lr=args.router_lr, betas=(0.9, 0.95), **fused))
+    for group in (g for opt in optimizers for g in opt.param_groups):
+        group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None,
+              args: Hyperparameters) -> torch.Tensor:
+    """The training loss: cross-entropy plus the router's auxiliary losses (check_args has refused any that the
+    router cannot give)."""
+    if args.num_experts > 1 and args.aux_loss_coef:
+        loss = loss + args.aux_loss_coef * balance_loss(balance_load, stats["prob"])
+    if args.num_experts > 1 and args.router_z_loss_coef:  # ST-MoE's z-loss, summed over layers
+        loss = loss + args.router_z_loss_coef * stats["z"].sum()
+    return loss
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the step: the model, its optimizers, the loader's place, the clock."""
+    model: GPT  # the bare model (not compiled, not DDP-wrapped): parameters, optimizers, checkpoints
+    optimizers: list
+    train_loader: DistributedDataLoader
+    clock: TrainClock
+
+
+def train_step(step: int, wrapped_model: nn.Module, state: TrainState, args: Hyperparameters,
+               rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer step `step` over the batch's micro-batches, run by wrapped_model (compiled and, on several ranks,
+    DDP-wrapped). Returns this rank's mean train loss (on the device) and the tokens it routed to each layer's
+    experts [L, E]."""
+    wrapped_model.train()
+    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
+    moe = args.num_experts > 1
+    train_loss = torch.zeros((), device=rt.device)
+    step_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # this rank's routed tokens
+    global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
+    for micro_step in range(accumulation):
+        # record quirk fixed: no_sync must wrap the forward too, not only backward()
+        syncing = rt.world_size == 1 or micro_step == accumulation - 1
+        x, y = state.train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
+        with contextlib.nullcontext() if syncing else wrapped_model.no_sync():
+            with rt.autocast():
+                loss, stats = wrapped_model(x, y)
+            balance_load = stats.get("load")
+            if moe:
+                step_load += stats["load"].detach()
+            if moe and args.balance_scope == "global":
+                # global-batch balance (Qiu et al. 2025): the load fractions of all ranks and of this step's
+                # micro-batches so far; exactly the global batch's when a step is one micro-batch per rank
+                global_step_load += rt.all_reduce_sum(stats["load"].detach().clone())
+                balance_load = global_step_load
+            (objective(loss, stats, balance_load, args) / accumulation).backward()
+        train_loss += loss.detach()
+    lr_multiplier = get_lr(step, args)
+    for opt in state.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+    state.model.zero_grad(set_to_none=True)
+    if moe and args.router_bias_rate:
+        # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the step's
+        # loads over ranks and micro-batches, so every rank moves its biases alike
+        for block, load in zip(state.model.transformer.h, rt.all_reduce_sum(step_load.clone())):
+            block.mlp.router.update_bias(load, args.router_bias_rate)
+    return train_loss / accumulation, step_load
+
+
+REPORTED_STATS = {"load": "sum", "gate": "mean", "entropy": "mean"}  # the MoE statistics a validation logs
+
+
+def evaluate(wrapped_model: nn.Module, val_loader: DistributedDataLoader, args: Hyperparameters,
+             rt: Runtime) -> tuple[float, dict]:
+    """The mean validation loss over --val_tokens (the same tokens each time, all ranks), and the MoE's
+    validation statistics of REPORTED_STATS that the router gives: load [L, E] summed, the others [L] averaged."""
+    wrapped_model.eval()
+    val_loader.reset()
+    val_steps = args.val_tokens // (args.device_batch_size * args.sequence_length * rt.world_size)
+    val_loss, totals = torch.zeros((), device=rt.device), {}
+    with torch.no_grad():
+        for _ in range(val_steps):
+            x_val, y_val = val_loader.next_batch()
+            with rt.autocast():
+                loss, stats = wrapped_model(x_val, y_val)
+            val_loss += loss
+            for name in REPORTED_STATS.keys() & stats.keys():
+                totals[name] = totals.get(name, 0) + stats[name]
+    count = val_steps * rt.world_size
+    return rt.all_reduce_sum(val_loss).item() / count, {
+        name: rt.all_reduce_sum(total) / (count if REPORTED_STATS[name] == "mean" else 1)
+        for name, total in sorted(totals.items())}
+
+
+def validation_due(step: int, args: Hyperparameters) -> bool:
+    return step == args.num_iterations or (args.val_loss_every > 0 and step % args.val_loss_every == 0)
+
+
+def checkpoint_due(step: int, start_step: int, args: Hyperparameters) -> bool:
+    """At the end and every --save_every steps, never at the step a session started from."""
+    return step > start_step and (step == args.num_iterations or (args.save_every > 0 and step % args.save_every == 0))
+
+
+def main(argv=None) -> int:
+    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
+    args = parse_args(argv)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    try:
+        check_args(args, world_size)
+        check_inputs(args, world_size)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        if rank == 0:
+            print(f"ok: the flags and data check out for {world_size} rank(s)")
+        return 0
+
+    # setup: ranks, device, seed, the log
+    rt = setup_runtime(args)
+    resume_path = resolve_checkpoint(args.resume, args.log_dir) if args.resume else None
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    seed = agree_on_seed(args.seed, rt)
+    torch.manual_seed(seed)
+    code = open(os.path.abspath(__file__)).read()
+    log = RunLog(args, checkpoint["run_id"] if checkpoint else str(uuid.uuid4()), code, rt.master)
+    if checkpoint:
+        log_resume(log, args, checkpoint, resume_path, code)
+    log_setup(log, args, rt, seed)
+
+    # build: data, model, optimizers; then a checkpoint's state over them
+    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
+    # the train loader starts at the beginning (record quirk fixed: the record fetched a batch before
+    # resetting the loader, so it trained on the first batch twice)
+    train_loader, val_loader = open_loaders(args, rt, accumulation, log)
+    model = GPT(GPTConfig.from_args(args)).to(rt.device)
+    optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
+    state = TrainState(model, optimizers, train_loader, TrainClock(sync=rt.sync))
+    start_step = restore(state, checkpoint, rt) if checkpoint else 0
+    del checkpoint
+    wrapped_model = wrap_model(model, rt)
+    moe, clock, N = args.num_experts > 1, state.clock, args.num_iterations
+    train_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # routed tokens since the last val
+    stop_signals = catch_stop_signals()
+
+    # the loop: validate, checkpoint, train, log. The clock leaves out the first 10 steps of a session
+    # (compilation), validation and checkpoints.
+    warmup_end, last_checkpoint, stopped_by, exit_code = start_step + 10, resume_path, None, 0
+    for step in range(start_step, N + 1):
+        timing = step >= warmup_end
+        if step == warmup_end:
+            clock.start()
+
+        # a stop asked for by a signal (every rank agreed at the end of the previous step) skips validation
+        # and checkpoints at once
+        if not stopped_by and validation_due(step, args):
+            with clock.paused(resume=timing):
+                val_loss, val_stats = evaluate(wrapped_model, val_loader, args, rt)
+                log(VAL_LINE.format(step=step, num_iterations=N, val_loss=val_loss, train_time=clock.ms,
+                                    step_avg=step_avg(clock.ms, clock.steps)))
+                log.metrics(dict(val_loss=val_loss), step)
+                if moe:
+                    report_routers(step, train_load, val_stats, model, val_loader, args, rt, log)
+                    train_load.zero_()
+
+        if stopped_by or checkpoint_due(step, start_step, args):
+            with clock.paused(resume=timing):
+                path = write_checkpoint(state, step, log, code, args, rt)
+            if path is None:
+                log(f"step:{step}/{N} stopped: the parameters are not finite, so no checkpoint was written; "
+                    f"{diverged_hint(last_checkpoint)}")
+                exit_code = 3
+                break
+            last_checkpoint = path
+            if stopped_by:
+                log(f"step:{step}/{N} stopped by {stopped_by}: checkpoint {path}")
+                log(f"resume: rerun the same command with --resume {path}")
+                break
+
+        if step == N:
+            break
+        train_loss, step_load = train_step(step, wrapped_model, state, args, rt)
+        train_load += step_load
+        if timing:
+            clock.steps += 1
+
+        train_loss, stop_asked = agree_at_step_end(train_loss, bool(stop_signals), rt)
+        approx_ms = clock.elapsed_ms()
+        log(TRAIN_LINE.format(step=step + 1, num_iterations=N, train_loss=train_loss, train_time=approx_ms,
+                              step_avg=step_avg(approx_ms, clock.steps), lr_mult=get_lr(step, args)))
+        log.metrics(dict(train_loss=train_loss, lr_mult=get_lr(step, args)), step + 1)
+        if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
+            log(f"step:{step + 1}/{N} stopped: the train loss is {train_loss}, so nothing after step {step} was "
+                f"saved; {diverged_hint(last_checkpoint)}")
+            exit_code = 3
+            break
+        if stop_asked:
+            stopped_by = (stop_signals or ["a signal on another rank"])[0]
+
+    if rt.cuda:
+        log(PEAK_MEMORY_LINE.format(mib=torch.cuda.max_memory_allocated() // 1024 // 1024))
+    shutdown(rt)
+    log.close()
+    return exit_code
+
+# -----------------------------------------------------------------------------
+# Run control: log lines, router reports, checkpoints, signals, ranks and devices. A tweak rarely needs these.
+
+# The log's line formats, the record's (tools that read the speedrun's logs read ours): one source for the
+# trainer that writes them and for records/compare.py and gpu_check.py that read them. Readers accept extra
+# key:value fields at the end of a step line, so a new field breaks no reader.
+VAL_LINE = "step:{step}/{num_iterations} val_loss:{val_loss:.4f} train_time:{train_time:.0f}ms step_avg:{step_avg:.2f}ms"
+TRAIN_LINE = ("step:{step}/{num_iterations} train_loss:{train_loss:.4f} train_time:{train_time:.0f}ms "
+              "step_avg:{step_avg:.2f}ms lr_mult:{lr_mult:.4f}")
+PEAK_MEMORY_LINE = "peak memory consumption: {mib} MiB"
+STEP_LINE_RE = re.compile(r"^step:(\d+)/(\d+) (val|train)_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms((?: \S+:\S+)*)$")
+ROUTER_LINE_RE = re.compile(r"^step:(\d+)/(\d+) router layer:(\d+) (.*)$")
+PEAK_MEMORY_RE = re.compile(r"^peak memory consumption: (\d+) MiB")
+
+
+class StepLine(typing.NamedTuple):
+    kind: str  # "val" or "train"
+    step: int
+    num_iterations: int
+    loss: float
+    train_time_ms: float
+    step_avg_ms: float
+    extra: dict[str, str]  # fields after the record's, e.g. lr_mult
+
+
+def parse_step_line(line: str) -> StepLine | None:
+    """A val or train line (ours, or the speedrun's own), or None."""
+    m = STEP_LINE_RE.match(line)
+    if not m:
+        return None
+    extra = dict(f.split(":", 1) for f in m[7].split())
+    return StepLine(m[3], int(m[1]), int(m[2]), float(m[4]), float(m[5]), float(m[6]), extra)
+
+
+def parse_router_line(line: str) -> tuple[int, int, dict[str, float | list[float]]] | None:
+    """A router line: (step, layer, fields), each field a number or a list (one per expert), or None."""
+    m = ROUTER_LINE_RE.match(line)
+    if not m:
+        return None
+    fields_ = dict(f.split(":", 1) for f in m[4].split() if ":" in f)
+    return int(m[1]), int(m[3]), {k: [float(x) for x in v.split(",")] if "," in v else float(v)
+                                  for k, v in fields_.items()}
+
+
+def parse_peak_memory(line: str) -> int | None:
+    m = PEAK_MEMORY_RE.match(line)
+    return int(m[1]) if m else None
+
+
+def step_avg(ms: float, steps: int) -> float:
+    return ms / steps if steps > 0 else float("nan")
+
+
+def report_routers(step: int, train_load: torch.Tensor, val_stats: dict, model: GPT,
+                   val_loader: DistributedDataLoader, args: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """Router diagnostics at a validation (MoE runs, outside the timed region): train_load is this rank's
+    routed tokens since the last report. A collective: every rank calls it."""
+    load = rt.all_reduce_sum(train_load.clone())
+    if not rt.master:
+        return
+    per_layer = dict(gate_mean=val_stats["gate"])
+    if "entropy" in val_stats:
+        per_layer.update(entropy=val_stats["entropy"])
+    if any(p.requires_grad for p in model.transformer.h[0].mlp.router.parameters()):  # weights to train
+        val_loader.reset()
+        x_probe, y_probe = val_loader.next_batch()
+        probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
+        per_layer.update(router_grad_norms(model, x_probe[:probe], y_probe[:probe], rt.autocast()))
+    if args.router_bias_rate:
+        per_layer.update(bias=torch.stack([block.mlp.router.bias for block in model.transformer.h]))
+    lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
+    for line in lines:
+        log(line, console="warning" in line)
+    log.metrics(router_metrics(lines), step)
+
+
+def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
+    """Per-layer norms of the router parameters' gradients from the cross-entropy alone (ce_grad_norm) and, for a
+    router with probabilities, from the balance loss alone (balance_grad_norm), on one probe batch (eager,
+    outside DDP: it neither touches .grad nor syncs ranks)."""
+    routers = [list(block.mlp.router.parameters()) for block in model.transformer.h]
+
+    def norms(loss, retain):
+        grads = torch.autograd.grad(loss, [p for params in routers for p in params], retain_graph=retain)
+        per_layer = iter(grads)
+        return torch.tensor([math.sqrt(sum(next(per_layer).norm().item() ** 2 for _ in params))
+                             for params in routers])
+
+    with autocast:
+        loss, stats = model(x, y)
+    if "prob" not in stats:
+        return dict(ce_grad_norm=norms(loss, retain=False))
+    with autocast:
+        balance = balance_loss(stats["load"], stats["prob"])
+    return dict(ce_grad_norm=norms(loss, retain=True), balance_grad_norm=norms(balance, retain=False))
+
+
+def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
+                  per_layer: dict[str, torch.Tensor]) -> list[str]:
+    """One log line per MoE layer, then a warning line for each layer with experts whose validation load fell
+    below a quarter of uniform. Fields are key:value, vectors comma-separated; per_layer adds fields, each a
+    tensor with one entry (or one vector) per layer."""
+    def fractions(load):
+        return load / load.sum(dim=-1, keepdim=True).clamp_min(1)
+
+    def value(v):
+        return ",".join(f"{x:.4f}" for x in v.tolist()) if v.dim() else f"{v.item():.4g}"
+
+    train_frac, val_frac = fractions(train_load), fractions(val_load)
+    E = val_load.size(1)
+    max_violation = torch.where(train_load.sum(-1) > 0, train_frac.max(-1).values * E - 1, float("nan"))
+    lines = []
+    for layer in range(val_load.size(0)):
+        fields_ = [f"train_load:{value(train_frac[layer])}", f"val_load:{value(val_frac[layer])}",
+                   f"max_violation:{value(max_violation[layer])}"]
+        fields_ += [f"{name}:{value(v[layer])}" for name, v in per_layer.items()]
+        lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
+    floor = 0.25 / E
+    for layer in range(val_load.size(0)):  # one line per layer, however many experts starve
+        starved = (val_frac[layer] < floor).nonzero().flatten()
+        if len(starved):
+            lines.append(f"{prefix} warning: layer {layer} experts {','.join(map(str, starved.tolist()))} val_load "
+                         f"{value(val_frac[layer, starved])} below a quarter of uniform ({floor:.4f})")
+    return lines
+
+
+def router_metrics(lines: list[str]) -> dict[str, float]:
+    """router_report()'s layer lines as flat metrics router/layer{l}/{field}[_{expert}] (for wandb)."""
+    metrics = {}
+    for step, layer, fields_ in filter(None, map(parse_router_line, lines)):
+        for name, value in fields_.items():
+            for e, v in enumerate(value if isinstance(value, list) else [value]):
+                metrics[f"router/layer{layer}/{name}" + (f"_{e}" if isinstance(value, list) else "")] = v
+    return metrics
 
 
 # the fields that fix the parameters' shapes and their optimizers: a checkpoint resumes only into the same ones
@@ -683,7 +1121,7 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     except Exception as e:
         raise ConfigError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); pick an earlier one") from None
-    missing = {"step", "args", "model", "optimizers", "schedulers", "train_loader"} - set(state)
+    missing = {"step", "args", "model", "optimizers", "train_loader"} - set(state)
     if missing:
         raise ConfigError(f"--resume {path}: not a checkpoint of this trainer (missing {sorted(missing)})")
     return state
@@ -728,6 +1166,48 @@ def save_checkpoint(state: dict, path: str, keep: int) -> None:
             os.remove(old)
 
 
+def checkpoint_state(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
+                     rt: Runtime) -> dict:
+    """The checkpoint's contents. A collective: every rank calls it (Muon's momenta are spread over ranks). The
+    optimizers' states hold each group's lr and initial_lr, so the schedule resumes from the step alone."""
+    return dict(
+        step=step, run_id=log.run_id, code=code, args=dataclasses.asdict(args), world_size=rt.world_size,
+        model=state.model.state_dict(),
+        optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in state.optimizers],
+        train_loader=state.train_loader.state_dict(),  # ranks move in lockstep: one position describes all
+        train_time_ms=state.clock.ms, timed_steps=state.clock.steps,
+        rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if rt.cuda else {})))
+
+
+def restore(state: TrainState, checkpoint: dict, rt: Runtime) -> int:
+    """Put a checkpoint's contents back in place (the inverse of checkpoint_state); return its step."""
+    state.model.load_state_dict(checkpoint["model"])
+    for opt, saved in zip(state.optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(saved)
+    state.train_loader.load_state_dict(checkpoint["train_loader"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if rt.cuda and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    state.clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], rt.sync)
+    return checkpoint["step"]
+
+
+def write_checkpoint(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
+                     rt: Runtime) -> str | None:
+    """Every rank takes part; rank 0 writes. None if the parameters are not finite: a poisoned state never
+    replaces a good checkpoint."""
+    finite = torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
+    if not finite.item():
+        return None
+    contents = checkpoint_state(state, step, log, code, args, rt)
+    path = os.path.join(log.run_dir, f"state_step{step:06d}.pt")
+    if rt.master:
+        save_checkpoint(contents, path, args.keep_checkpoints)
+    if rt.distributed:
+        dist.barrier()
+    return path
+
+
 class TrainClock:
     """Training time in ms: it runs only while training, never during validation or checkpointing."""
 
@@ -762,63 +1242,21 @@ def diverged_hint(last_checkpoint: str | None) -> str:
     return f"the last checkpoint is {last_checkpoint}: resume with --resume {last_checkpoint} and lower learning rates"
 
 
-def step_avg(ms: float, steps: int) -> float:
-    return ms / steps if steps > 0 else float("nan")
+def catch_stop_signals() -> list[str]:
+    """Preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary.
+    The returned list collects the names of the signals received."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    return received
 
 
-def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[list[float], list[float]]:
-    """Per-layer norms of the router weights' gradients from the cross-entropy alone and from the balance loss
-    alone, on one probe batch (eager, outside DDP: it neither touches .grad nor syncs ranks)."""
-    routers = [block.mlp.router.weight for block in model.transformer.h]
-    with autocast:
-        loss, stats = model(x, y)
-        balance = balance_loss(stats["load"], stats["prob"])
-    from_ce = torch.autograd.grad(loss, routers, retain_graph=True)
-    from_balance = torch.autograd.grad(balance, routers)
-    return [g.norm().item() for g in from_ce], [g.norm().item() for g in from_balance]
-
-
-def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
-                  per_layer: dict[str, torch.Tensor]) -> list[str]:
-    """One log line per MoE layer, then a warning line for each layer with experts whose validation load fell
-    below a quarter of uniform. Fields are key:value, vectors comma-separated; per_layer adds fields, each a
-    tensor with one entry (or one vector) per layer."""
-    def fractions(load):
-        return load / load.sum(dim=-1, keepdim=True).clamp_min(1)
-
-    def value(v):
-        return ",".join(f"{x:.4f}" for x in v.tolist()) if v.dim() else f"{v.item():.4g}"
-
-    train_frac, val_frac = fractions(train_load), fractions(val_load)
-    E = val_load.size(1)
-    max_violation = torch.where(train_load.sum(-1) > 0, train_frac.max(-1).values * E - 1, float("nan"))
-    lines = []
-    for layer in range(val_load.size(0)):
-        fields_ = [f"train_load:{value(train_frac[layer])}", f"val_load:{value(val_frac[layer])}",
-                   f"max_violation:{value(max_violation[layer])}"]
-        fields_ += [f"{name}:{value(v[layer])}" for name, v in per_layer.items()]
-        lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
-    floor = 0.25 / E
-    for layer in range(val_load.size(0)):  # one line per layer, however many experts starve
-        starved = (val_frac[layer] < floor).nonzero().flatten()
-        if len(starved):
-            lines.append(f"{prefix} warning: layer {layer} experts {','.join(map(str, starved.tolist()))} val_load "
-                         f"{value(val_frac[layer, starved])} below a quarter of uniform ({floor:.4f})")
-    return lines
-
-
-def router_metrics(lines: list[str]) -> dict[str, float]:
-    """router_report()'s layer lines as flat metrics router/layer{l}/{field}[_{expert}] (for wandb)."""
-    metrics = {}
-    for line in lines:
-        if " router layer:" not in line:
-            continue
-        fields_ = dict(f.split(":", 1) for f in line.split()[2:])
-        layer = fields_.pop("layer")
-        for name, text in fields_.items():
-            for e, v in enumerate(text.split(",")):
-                metrics[f"router/layer{layer}/{name}" + (f"_{e}" if "," in text else "")] = float(v)
-    return metrics
+def agree_at_step_end(train_loss: torch.Tensor, stop_asked: bool, rt: Runtime) -> tuple[float, bool]:
+    """One small all-reduce per step: the train loss averaged over ranks (the record logged rank 0's last
+    micro-batch), and whether any rank was asked to stop."""
+    control = torch.stack([train_loss, torch.tensor(float(stop_asked), device=rt.device)])
+    train_loss, stop_votes = rt.all_reduce_sum(control).tolist()
+    return train_loss / rt.world_size, stop_votes > 0
 
 
 def log_header(code: str) -> str:
@@ -843,6 +1281,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype  # autocast and Newton-Schulz precision
     compile_model: bool
+    attention: str = "default"  # the attention backend that runs, or the fallback taken
 
     @property
     def master(self) -> bool:
@@ -865,17 +1304,37 @@ class Runtime:
         return t
 
 
+def use_record_attention(device: torch.device, head_dim: int) -> str:
+    """The record's attention: cuDNN, with flash, memory-efficient and math disabled (recent torch tries flash
+    first, so leaving it enabled would never run cuDNN). If cuDNN attention cannot run here, fall back to
+    torch's default order and say so. Returns the backend that runs."""
+    for backend, enabled in (("flash", False), ("mem_efficient", False), ("math", False), ("cudnn", True)):
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(enabled)
+    q = torch.randn(1, 1, 128, head_dim, device=device, dtype=torch.bfloat16)
+    try:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.cuda.synchronize(device)
+        return "cudnn"
+    except RuntimeError as e:
+        for backend in ("flash", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(True)
+        return f"torch's default order (flash first): cuDNN attention failed here ({str(e).splitlines()[0][:120]})"
+
+
 def setup_runtime(args: Hyperparameters) -> Runtime:
-    """NCCL on GPUs, gloo on CPU; a plain single process without torchrun."""
+    """NCCL on GPUs, gloo on CPU; a plain single process without torchrun. On GPUs, the record's settings:
+    cuDNN attention and inductor's coordinate-descent tuning."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    compile_model = use_cuda if args.compile is None else args.compile
+    attention = "default"
     if use_cuda:
         torch.cuda.set_device(device)
-        # cuDNN attention, as in the record (flash attention stays on as a fallback)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(False)
+        attention = use_record_attention(device, args.n_embd // args.n_head)
+        if compile_model:
+            import torch._inductor.config as inductor_config
+            inductor_config.coordinate_descent_tuning = True  # as the record: slower compiles, faster kernels
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
@@ -883,7 +1342,16 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     return Runtime(rank=int(os.environ.get("RANK", 0)), local_rank=local_rank,
                    world_size=int(os.environ.get("WORLD_SIZE", 1)), distributed=distributed, device=device,
-                   dtype=dtype, compile_model=use_cuda if args.compile is None else args.compile)
+                   dtype=dtype, compile_model=compile_model, attention=attention)
+
+
+def wrap_model(model: GPT, rt: Runtime) -> nn.Module:
+    """The model as the steps run it: compiled, then DDP-wrapped on several ranks. One rank runs it without DDP,
+    which would only split the compiled graph at its gradient buckets."""
+    wrapped = torch.compile(model) if rt.compile_model else model
+    if rt.world_size > 1:
+        wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.cuda else None)
+    return wrapped
 
 
 def shutdown(rt: Runtime) -> None:
@@ -946,7 +1414,9 @@ def log_resume(log: RunLog, args: Hyperparameters, checkpoint: dict, path: str, 
 def log_setup(log: RunLog, args: Hyperparameters, rt: Runtime, seed: int) -> None:
     log(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
     log(f"seed:{seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
-        f"compile:{rt.compile_model}")
+        f"compile:{rt.compile_model}" + (f" attention:{rt.attention}" if rt.attention == "cudnn" else ""))
+    if rt.cuda and rt.attention != "cudnn":
+        log(f"warning: attention falls back to {rt.attention}")
     if args.num_experts > 1 and (grouped_mm is None or (rt.compile_model and rt.dtype == torch.float32)):
         why = (f"torch {torch.__version__} has no grouped_mm (upgrade torch, see requirements.txt)" if grouped_mm is None
                else "torch.compile traces grouped_mm in bf16 only (use --dtype bfloat16, or --no-compile)")
@@ -966,287 +1436,6 @@ def open_loaders(args: Hyperparameters, rt: Runtime, accumulation: int,
             f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
             f"the first shard (download more shards to avoid it)")
     return train_loader, val_loader
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores: the model, its optimizers and schedules, the loader's place, the clock."""
-    model: GPT  # the bare model (not compiled, not DDP-wrapped)
-    optimizers: list
-    schedulers: list
-    train_loader: DistributedDataLoader
-    clock: TrainClock
-    step: int = 0
-
-
-def checkpoint_state(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
-                     rt: Runtime) -> dict:
-    """The checkpoint's contents. A collective: every rank calls it (Muon's momenta are spread over ranks)."""
-    return dict(
-        step=step, run_id=log.run_id, code=code, args=dataclasses.asdict(args), world_size=rt.world_size,
-        model=state.model.state_dict(),
-        optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in state.optimizers],
-        schedulers=[sched.state_dict() for sched in state.schedulers],
-        train_loader=state.train_loader.state_dict(),  # ranks move in lockstep: one position describes all
-        train_time_ms=state.clock.ms, timed_steps=state.clock.steps,
-        rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if rt.cuda else {})))
-
-
-def restore(state: TrainState, checkpoint: dict, rt: Runtime) -> None:
-    """Put a checkpoint's contents back in place (the inverse of checkpoint_state)."""
-    state.model.load_state_dict(checkpoint["model"])
-    for opt, saved in zip(state.optimizers, checkpoint["optimizers"]):
-        opt.load_state_dict(saved)
-    for sched, saved in zip(state.schedulers, checkpoint["schedulers"]):
-        sched.load_state_dict(saved)
-    state.train_loader.load_state_dict(checkpoint["train_loader"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    if rt.cuda and "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    state.step = checkpoint["step"]
-    state.clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], rt.sync)
-
-
-def write_checkpoint(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
-                     rt: Runtime) -> str | None:
-    """Every rank takes part; rank 0 writes. None if the parameters are not finite: a poisoned state never
-    replaces a good checkpoint."""
-    finite = torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
-    if not finite.item():
-        return None
-    contents = checkpoint_state(state, step, log, code, args, rt)
-    path = os.path.join(log.run_dir, f"state_step{step:06d}.pt")
-    if rt.master:
-        save_checkpoint(contents, path, args.keep_checkpoints)
-    if rt.distributed:
-        dist.barrier()
-    return path
-
-
-def evaluate(model: nn.Module, val_loader: DistributedDataLoader, args: Hyperparameters,
-             rt: Runtime) -> tuple[float, dict]:
-    """The mean validation loss over --val_tokens (the same tokens each time, all ranks), and the MoE's
-    validation statistics: load [L, E] (summed), entropy and gate [L] (averaged)."""
-    model.eval()
-    val_loader.reset()
-    val_steps = args.val_tokens // (args.device_batch_size * args.sequence_length * rt.world_size)
-    val_loss = torch.zeros((), device=rt.device)
-    val_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)
-    entropy, gate = torch.zeros(args.n_layer, device=rt.device), torch.zeros(args.n_layer, device=rt.device)
-    with torch.no_grad():
-        for _ in range(val_steps):
-            x_val, y_val = val_loader.next_batch()
-            with rt.autocast():
-                loss, stats = model(x_val, y_val)
-            val_loss += loss
-            if args.num_experts > 1:
-                val_load += stats["load"]
-                entropy += stats["entropy"]
-                gate += stats["gate"]
-    count = val_steps * rt.world_size
-    return rt.all_reduce_sum(val_loss).item() / count, dict(
-        load=rt.all_reduce_sum(val_load), entropy=rt.all_reduce_sum(entropy) / count,
-        gate=rt.all_reduce_sum(gate) / count)
-
-
-def report_routers(step: int, train_load: torch.Tensor, val_stats: dict, model: GPT,
-                   val_loader: DistributedDataLoader, args: Hyperparameters, rt: Runtime, log: RunLog) -> None:
-    """Router diagnostics at a validation (MoE runs, outside the timed region): train_load is this rank's
-    routed tokens since the last report. A collective: every rank calls it."""
-    load = rt.all_reduce_sum(train_load.clone())
-    if not rt.master:
-        return
-    per_layer = dict(gate_mean=val_stats["gate"])
-    if args.router == "learned":
-        val_loader.reset()
-        x_probe, y_probe = val_loader.next_batch()
-        probe = min(8, args.device_batch_size)  # a few sequences: an eager pass at full size costs memory
-        ce_norms, balance_norms = router_grad_norms(model, x_probe[:probe], y_probe[:probe], rt.autocast())
-        per_layer.update(entropy=val_stats["entropy"], ce_grad_norm=torch.tensor(ce_norms),
-                         balance_grad_norm=torch.tensor(balance_norms))
-        if args.router_bias_rate:
-            per_layer.update(bias=torch.stack([block.mlp.router.bias for block in model.transformer.h]))
-    lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
-    for line in lines:
-        log(line, console="warning" in line)
-    log.metrics(router_metrics(lines), step)
-
-
-def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None,
-              args: Hyperparameters) -> torch.Tensor:
-    """The training loss: cross-entropy plus the router's auxiliary losses."""
-    learned_router = args.num_experts > 1 and args.router == "learned"
-    if learned_router and args.aux_loss_coef:
-        loss = loss + args.aux_loss_coef * balance_loss(balance_load, stats["prob"])
-    if learned_router and args.router_z_loss_coef:  # ST-MoE's z-loss, summed over layers
-        loss = loss + args.router_z_loss_coef * stats["z"].sum()
-    return loss
-
-
-def train_step(model: nn.Module, state: TrainState, args: Hyperparameters,
-               rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the batch's micro-batches. Returns this rank's mean train loss (on the device)
-    and the tokens it routed to each layer's experts [L, E]."""
-    model.train()
-    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
-    moe = args.num_experts > 1
-    train_loss = torch.zeros((), device=rt.device)
-    step_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # this rank's routed tokens
-    global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
-    for micro_step in range(accumulation):
-        # record quirk fixed: no_sync must wrap the forward too, not only backward()
-        syncing = not rt.distributed or micro_step == accumulation - 1
-        x, y = state.train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
-        with contextlib.nullcontext() if syncing else model.no_sync():
-            with rt.autocast():
-                loss, stats = model(x, y)
-            balance_load = stats.get("load")
-            if moe:
-                step_load += stats["load"].detach()
-            if moe and args.balance_scope == "global":
-                # global-batch balance (Qiu et al. 2025): the load fractions of all ranks and of this step's
-                # micro-batches so far; exactly the global batch's when a step is one micro-batch per rank
-                global_step_load += rt.all_reduce_sum(stats["load"].detach().clone())
-                balance_load = global_step_load
-            (objective(loss, stats, balance_load, args) / accumulation).backward()
-        train_loss += loss.detach()
-    for opt, sched in zip(state.optimizers, state.schedulers):
-        opt.step()
-        sched.step()
-    model.zero_grad(set_to_none=True)
-    if moe and args.router == "learned" and args.router_bias_rate:
-        # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the step's
-        # loads over ranks and micro-batches, so every rank moves its biases alike
-        for block, load in zip(state.model.transformer.h, rt.all_reduce_sum(step_load.clone())):
-            block.mlp.router.update_bias(load, args.router_bias_rate)
-    return train_loss / accumulation, step_load
-
-
-def catch_stop_signals() -> list[str]:
-    """Preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary.
-    The returned list collects the names of the signals received."""
-    received = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
-    return received
-
-
-def agree_at_step_end(train_loss: torch.Tensor, stop_asked: bool, rt: Runtime) -> tuple[float, bool]:
-    """One small all-reduce per step: the train loss averaged over ranks (the record logged rank 0's last
-    micro-batch), and whether any rank was asked to stop."""
-    control = torch.stack([train_loss, torch.tensor(float(stop_asked), device=rt.device)])
-    train_loss, stop_votes = rt.all_reduce_sum(control).tolist()
-    return train_loss / rt.world_size, stop_votes > 0
-
-
-def main(argv=None) -> int:
-    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
-    args = parse_args(argv)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    try:
-        check_args(args, world_size)
-        check_inputs(args, world_size)
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check_only:
-        if rank == 0:
-            print(f"ok: the flags and data check out for {world_size} rank(s)")
-        return 0
-
-    # setup: ranks, device, seed, the log
-    rt = setup_runtime(args)
-    resume_path = resolve_checkpoint(args.resume, args.log_dir) if args.resume else None
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    seed = agree_on_seed(args.seed, rt)
-    torch.manual_seed(seed)
-    code = open(os.path.abspath(__file__)).read()
-    log = RunLog(args, checkpoint["run_id"] if checkpoint else str(uuid.uuid4()), code, rt.master)
-    if checkpoint:
-        log_resume(log, args, checkpoint, resume_path, code)
-    log_setup(log, args, rt, seed)
-
-    # build: data, model, optimizers; then a checkpoint's state over them
-    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
-    # the train loader starts at the beginning (record quirk fixed: the record fetched a batch before
-    # resetting the loader, so it trained on the first batch twice)
-    train_loader, val_loader = open_loaders(args, rt, accumulation, log)
-    raw_model = GPT(GPTConfig.from_args(args)).to(rt.device)
-    optimizers = make_optimizers(raw_model, args, rt.dtype)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: get_lr_multiplier(it, args))
-                  for opt in optimizers]
-    state = TrainState(raw_model, optimizers, schedulers, train_loader, TrainClock(sync=rt.sync))
-    if checkpoint:
-        restore(state, checkpoint, rt)
-        del checkpoint
-    model = torch.compile(raw_model) if rt.compile_model else raw_model
-    if rt.distributed:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.cuda else None)
-    moe, clock, N = args.num_experts > 1, state.clock, args.num_iterations
-    train_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # routed tokens since the last val
-    stop_signals = catch_stop_signals()
-
-    # the loop: validate, checkpoint, train, log. The clock leaves out the first 10 steps of a session
-    # (compilation), validation and checkpoints.
-    start_step = state.step
-    warmup_end, last_checkpoint, stopped_by, exit_code = start_step + 10, resume_path, None, 0
-    for step in range(start_step, N + 1):
-        last_step, timing = step == N, step >= warmup_end
-        if step == warmup_end:
-            clock.start()
-
-        # a stop asked for by a signal (every rank agreed at the end of the previous step) skips validation
-        # and checkpoints at once
-        if not stopped_by and (last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0)):
-            with clock.paused(resume=timing):
-                val_loss, val_stats = evaluate(model, val_loader, args, rt)
-                log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
-                    f"step_avg:{step_avg(clock.ms, clock.steps):.2f}ms")
-                log.metrics(dict(val_loss=val_loss), step)
-                if moe:
-                    report_routers(step, train_load, val_stats, raw_model, val_loader, args, rt, log)
-                    train_load.zero_()
-
-        if stopped_by or (step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0))):
-            with clock.paused(resume=timing):
-                path = write_checkpoint(state, step, log, code, args, rt)
-            if path is None:
-                log(f"step:{step}/{N} stopped: the parameters are not finite, so no checkpoint was written; "
-                    f"{diverged_hint(last_checkpoint)}")
-                exit_code = 3
-                break
-            last_checkpoint = path
-            if stopped_by:
-                log(f"step:{step}/{N} stopped by {stopped_by}: checkpoint {path}")
-                log(f"resume: rerun the same command with --resume {path}")
-                break
-
-        if last_step:
-            break
-        train_loss, step_load = train_step(model, state, args, rt)
-        train_load += step_load
-        if timing:
-            clock.steps += 1
-
-        train_loss, stop_asked = agree_at_step_end(train_loss, bool(stop_signals), rt)
-        approx_ms = clock.elapsed_ms()
-        log(f"step:{step + 1}/{N} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms "
-            f"step_avg:{step_avg(approx_ms, clock.steps):.2f}ms")
-        log.metrics(dict(train_loss=train_loss), step + 1)
-        if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
-            log(f"step:{step + 1}/{N} stopped: the train loss is {train_loss}, so nothing after step {step} was "
-                f"saved; {diverged_hint(last_checkpoint)}")
-            exit_code = 3
-            break
-        if stop_asked:
-            stopped_by = (stop_signals or ["a signal on another rank"])[0]
-
-    if rt.cuda:
-        log(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
-    shutdown(rt)
-    log.close()
-    return exit_code
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_gpt2 import ROUTERS, parse_peak_memory, parse_router_line, parse_step_line  # noqa: E402  (one log format)
+
 FENCE = "=" * 100
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
-TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
-ROUTER_LINE = re.compile(r"^step:(\d+)/(\d+) router layer:(\d+) (.*)$")
-PEAK_LINE = re.compile(r"^peak memory consumption: (\d+) MiB")
 # flags that do not change what a run computes: runs that differ only in these are one configuration
 RUN_CONTROL = {"seed", "resume", "log_dir", "save_every", "keep_checkpoints", "check_only", "wandb",
                "wandb_project", "compile", "input_bin", "input_val_bin"}
@@ -93,8 +92,9 @@ class Run:
             [f"scale{s('mlp_output_scale')}"] if s("mlp_output_scale", 1.0) != 1.0 else [])
         if experts == 1:
             return " ".join(["dense", *shape])
-        parts = [f"moe E{experts} top{s('top_k', 1)}", *shape, s("router", "learned")]
-        if s("router", "learned") == "learned":
+        router = s("router", "learned")
+        parts = [f"moe E{experts} top{s('top_k', 1)}", *shape, router]
+        if router not in ROUTERS or "router_gate" in ROUTERS[router].takes:  # a router of ours that has no gate
             parts.append(s("router_gate", "renorm"))
         for name, tag in [("aux_loss_coef", "aux"), ("null_expert_bias", "null"), ("router_z_loss_coef", "z"),
                           ("router_bias_rate", "bias")]:
@@ -142,23 +142,19 @@ def parse_log(path: Path) -> Run:
         source, lines = "\n".join(lines[1:end]), lines[end + 1:]
     num_iterations, val, train, router, hyper, peak = None, {}, {}, {}, None, None
     for line in lines:
-        if m := VAL_LINE.match(line):  # a resumed run repeats steps: the last line of a step wins
-            val[int(m[1])] = (float(m[3]), float(m[4]), float(m[5]))
-        elif m := TRAIN_LINE.match(line):
-            train[int(m[1])] = (float(m[3]), float(m[4]), float(m[5]))
-        elif m := ROUTER_LINE.match(line):
-            fields_ = dict(f.split(":", 1) for f in m[4].split() if ":" in f)
-            router.setdefault(int(m[1]), {})[int(m[3])] = {
-                k: [float(x) for x in v.split(",")] if "," in v else float(v) for k, v in fields_.items()}
+        if s := parse_step_line(line):  # a resumed run repeats steps: the last line of a step wins
+            (val if s.kind == "val" else train)[s.step] = (s.loss, s.train_time_ms, s.step_avg_ms)
+            num_iterations = s.num_iterations
+        elif r := parse_router_line(line):
+            step, layer, fields_ = r
+            router.setdefault(step, {})[layer] = fields_
         elif line.startswith("hyperparameters: "):
             try:
                 hyper = ast.literal_eval(line[len("hyperparameters: "):])
             except (ValueError, SyntaxError):
                 raise LogError("unreadable hyperparameters line") from None
-        elif m := PEAK_LINE.match(line):
-            peak = int(m[1])
-        if line.startswith("step:") and m:
-            num_iterations = int(m[2])
+        elif (mib := parse_peak_memory(line)) is not None:
+            peak = mib
     if num_iterations is None:
         raise LogError("not a training log (no step lines)")
     if not val:

@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 
 import synthetic  # noqa: E402
+from train_gpt2 import parse_step_line  # noqa: E402  (the log's formats have one source: the trainer)
 
 # a model and batch small enough that a step takes milliseconds on one CPU core
 TINY_VOCAB = 128
@@ -20,8 +21,6 @@ TINY = ["--vocab_size", str(TINY_VOCAB), "--n_layer", "2", "--n_head", "2", "--n
         "--sequence_length", "32", "--device_batch_size", "4", "--batch_size", "8",
         "--val_tokens", "1024", "--dtype", "float32"]
 
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
-TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +52,11 @@ def run_log(log_dir: Path) -> tuple[Path, list[str]]:
 
 
 def val_losses(lines: list[str]) -> dict[int, float]:
-    return {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, lines) if m}
+    return {s.step: s.loss for s in map(parse_step_line, lines) if s and s.kind == "val"}
 
 
 def train_losses(lines: list[str]) -> dict[int, float]:
-    return {int(m[1]): float(m[3]) for m in map(TRAIN_LINE.match, lines) if m}
+    return {s.step: s.loss for s in map(parse_step_line, lines) if s and s.kind == "train"}
 
 
 def checkpoints(log_dir: Path) -> list[Path]:

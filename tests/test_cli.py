@@ -6,7 +6,7 @@ from dataclasses import fields
 import pytest
 
 from conftest import ROOT, TINY, data_flags
-from train_gpt2 import Hyperparameters, build_parser, get_lr_multiplier, parse_args
+from train_gpt2 import Hyperparameters, build_parser, get_lr, parse_args
 
 
 def test_defaults_reproduce_the_2024_11_03_record():
@@ -37,13 +37,13 @@ def test_flags_parse_to_the_field_types():
 
 def test_lr_schedule_is_constant_then_linear_warmdown():
     a = Hyperparameters(num_iterations=100, warmdown_iters=20)
-    assert [get_lr_multiplier(i, a) for i in (0, 79, 80)] == [1.0, 1.0, 1.0]
-    assert get_lr_multiplier(90, a) == pytest.approx(0.5) and get_lr_multiplier(100, a) == 0.0
+    assert [get_lr(i, a) for i in (0, 79, 80)] == [1.0, 1.0, 1.0]
+    assert get_lr(90, a) == pytest.approx(0.5) and get_lr(100, a) == 0.0
     w = Hyperparameters(num_iterations=100, warmup_iters=10, warmdown_iters=20)
-    assert get_lr_multiplier(0, w) == pytest.approx(0.1) and get_lr_multiplier(9, w) == 1.0
+    assert get_lr(0, w) == pytest.approx(0.1) and get_lr(9, w) == 1.0
     # no warmdown: constant to the end, including the scheduler's step past the last one
     flat = Hyperparameters(num_iterations=10, warmdown_iters=0)
-    assert [get_lr_multiplier(i, flat) for i in range(11)] == [1.0] * 11
+    assert [get_lr(i, flat) for i in range(11)] == [1.0] * 11
 
 
 def check(args, world_size=1):
@@ -65,14 +65,16 @@ BAD_INPUTS = [
     (["--no_such_flag", "1"], 1, "unrecognized arguments: --no_such_flag"),
     (["--num_experts", "0"], 1, "--num_experts must be >= 1, got 0"),
     (["--num_experts", "4", "--top_k", "5"], 1, "--top_k 5 must lie in [1, --num_experts 4]"),
-    (["--num_experts", "4", "--router", "hash", "--top_k", "2"], 1, "--router hash sends each token to one expert"),
-    (["--num_experts", "4", "--router", "hash", "--aux_loss_coef", "0.01"], 1, "use --aux_loss_coef 0"),
+    (["--num_experts", "4", "--router", "hash", "--top_k", "2"], 1,
+     "--router hash sends each token to 1 expert(s); use --top_k 1, not 2"),
+    (["--num_experts", "4", "--router", "hash", "--aux_loss_coef", "0.01"], 1,
+     "--router hash does not use --aux_loss_coef (got 0.01); leave it at 0.0, or use a router that does: learned"),
     (["--num_experts", "4", "--router", "random"], 1, "argument --router: invalid choice: 'random'"),
     (["--num_experts", "4", "--router_gate", "prob", "--null_expert_bias", "10"], 1,
      "--null_expert_bias 10.0: needs a value >= 0 and --router_gate renorm"),
     (["--aux_loss_coef", "-1"], 1, "--aux_loss_coef must be >= 0, got -1.0"),
     (["--num_experts", "4", "--router", "hash", "--router_z_loss_coef", "0.001"], 1,
-     "--router hash has no logits: --router_z_loss_coef and --router_bias_rate need --router learned"),
+     "--router hash does not use --router_z_loss_coef (got 0.001); leave it at 0.0, or use a router that does"),
     (["--router_bias_rate", "-0.01"], 1, "--router_bias_rate must be >= 0, got -0.01"),
     (["--num_experts", "4", "--router_gate", "st", "--null_expert_bias", "1"], 1, "needs a value >= 0 and --router_gate renorm"),
     (["--balance_scope", "world"], 1, "argument --balance_scope: invalid choice: 'world'"),

@@ -200,3 +200,32 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
         compare.plot([run], str(tmp_path / "x.png"), 3.28)
+
+
+def test_new_fields_at_the_end_of_a_step_line_break_no_reader(tmp_path):
+    """Train lines now end with lr_mult; a field added later must not hide the line either."""
+    path = our_log(tmp_path / "r.txt", [(0, 6.0, 0), (100, 3.1, 990)])
+    text = path.read_text().replace("step:100/100 val_loss:3.1000 train_time:990ms step_avg:11.00ms",
+                                    "step:99/100 train_loss:3.2000 train_time:980ms step_avg:11.00ms lr_mult:0.0100\n"
+                                    "step:100/100 train_loss:3.1500 train_time:985ms step_avg:11.00ms lr_mult:0.0000 "
+                                    "tokens_per_s:1234\n"
+                                    "step:100/100 val_loss:3.1000 train_time:990ms step_avg:11.00ms grad_norm:0.5")
+    path.write_text(text)
+    run = compare.parse_log(path)
+    assert run.finished and run.final_val == 3.1 and run.train[99] == (3.2, 980.0, 11.0) and run.train[100][0] == 3.15
+
+
+def test_every_committed_log_reads(capsys):
+    """Our logs from before the lr_mult field (records/) read as finished runs with router lines where MoE."""
+    runs = compare.load_runs([str(ROOT / "records")])
+    assert "skipped" not in capsys.readouterr().err
+    assert len(runs) >= 30 and all(run.finished for run in runs)
+    assert all(run.router for run in runs if run.mode.startswith("moe"))
+
+
+def test_a_router_without_a_gate_flag_is_labelled_without_one(tmp_path):
+    hyper = dict(batch_size=8, sequence_length=32, num_experts=4, top_k=1, router="hash", router_gate="renorm")
+    assert compare.parse_log(our_log(tmp_path / "h.txt", [(0, 6.0, 0)], hyper=hyper)).mode == "moe E4 top1 hash"
+    foreign = dict(hyper, router="someone-elses")  # a router this checkout does not know: its settings all shown
+    assert compare.parse_log(our_log(tmp_path / "f.txt", [(0, 6.0, 0)], hyper=foreign)).mode == \
+        "moe E4 top1 someone-elses renorm"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LN_TINY_VOCAB, TINY, data_flags, run_log, torchrun, val_losses
-from train_gpt2 import GPT, MLP, GPTConfig, Hyperparameters, MoE, Muon, Router, balance_loss, expert_matmul
+from train_gpt2 import GPT, MLP, GPTConfig, Hyperparameters, MoE, Muon, LearnedRouter, balance_loss, expert_matmul
 
 C = 32
 
@@ -99,7 +99,7 @@ def test_gates_renorm_prob_and_null_expert_bias():
     torch.manual_seed(0)
     x = torch.randn(16, C)
     idx = torch.zeros(16, dtype=torch.long)
-    routers = {name: Router(config(**kw)) for name, kw in [
+    routers = {name: LearnedRouter(config(**kw)) for name, kw in [
         ("renorm1", dict()), ("renorm2", dict(top_k=2)), ("prob2", dict(top_k=2, router_gate="prob")),
         ("null1", dict(null_expert_bias=10.0)), ("null2", dict(top_k=2, null_expert_bias=0.5))]}
     weight = routers["renorm1"].weight
@@ -130,7 +130,7 @@ def test_renorm_top1_gives_the_router_exactly_zero_cross_entropy_gradient():
 
 def test_router_runs_in_float32_under_bf16_autocast():
     torch.manual_seed(0)
-    router = Router(config(top_k=2, router_gate="prob"))
+    router = LearnedRouter(config(top_k=2, router_gate="prob"))
     x = torch.randn(8, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, gates, stats = router(x, torch.zeros(8, dtype=torch.long))

@@ -7,9 +7,12 @@ from dataclasses import fields
 import pytest
 import torch
 
-from conftest import ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses
+import torch.nn.functional as F
+
+import train_gpt2
+from conftest import ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses, val_losses
 from test_moe import config, randomise
-from train_gpt2 import GPT, Hyperparameters, Muon, Router, make_optimizers
+from train_gpt2 import GPT, Hyperparameters, LearnedRouter, Muon, Router, make_optimizers, register_router
 
 
 def router_ce_grads(gate):
@@ -27,7 +30,7 @@ def test_straight_through_gate_is_renorms_value_with_probs_gradient():
     torch.manual_seed(0)
     x, idx = torch.randn(32, 32), torch.zeros(32, dtype=torch.long)
     for top_k in (1, 2):
-        renorm, st = Router(config(top_k=top_k)), Router(config(top_k=top_k, router_gate="st"))
+        renorm, st = LearnedRouter(config(top_k=top_k)), LearnedRouter(config(top_k=top_k, router_gate="st"))
         st.weight.data.copy_(renorm.weight)
         assert torch.equal(st(x, idx)[1], renorm(x, idx)[1])  # the forward values, bit for bit
         assert torch.equal(st(x, idx)[0], renorm(x, idx)[0])
@@ -39,7 +42,7 @@ def test_straight_through_gate_is_renorms_value_with_probs_gradient():
 
 
 def test_z_loss_on_a_hand_computed_input():
-    router = Router(config(n_embd=2))
+    router = LearnedRouter(config(n_embd=2))
     router.weight.data = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     _, _, stats = router(x, torch.zeros(2, dtype=torch.long))
@@ -50,7 +53,7 @@ def test_z_loss_on_a_hand_computed_input():
 
 def test_bias_update_pulls_a_skewed_router_toward_uniform_load():
     torch.manual_seed(0)
-    router = Router(config(n_embd=16))
+    router = LearnedRouter(config(n_embd=16))
     router.weight.data = torch.randn(4, 16) * 0.1
     router.weight.data[0] += 0.05  # nearly every token prefers expert 0
     x = torch.randn(4096, 16).abs()
@@ -70,9 +73,9 @@ def test_bias_update_pulls_a_skewed_router_toward_uniform_load():
     assert router.bias[0] < router.bias[1:].min()  # the crowded expert was pushed down
     # the gate still uses the unbiased probability
     probs = (x @ router.weight.T).softmax(-1)
-    experts, gates, _ = Router.forward(router, x, idx)
+    experts, gates, _ = LearnedRouter.forward(router, x, idx)
     assert torch.equal(gates, torch.ones_like(gates))  # renorm top-1
-    prob_router = Router(config(n_embd=16, router_gate="prob"))
+    prob_router = LearnedRouter(config(n_embd=16, router_gate="prob"))
     prob_router.load_state_dict(router.state_dict())
     experts, gates, _ = prob_router(x, idx)
     torch.testing.assert_close(gates, probs.gather(-1, experts))
@@ -125,3 +128,49 @@ def test_every_flag_is_in_the_readme_table():
     table = set(re.findall(r"^\| `--([a-z_]+)`", readme, flags=re.M))
     assert {f.name for f in fields(Hyperparameters)} <= table
     assert table <= {f.name for f in fields(Hyperparameters)}  # and nothing stale
+
+
+class SigmoidRouter(Router):
+    """A router written the way a user would add one: a linear map, its top-k logits, a sigmoid gate (so the
+    cross-entropy trains it), no balance statistics."""
+    summary = "a test router: top-k of a linear map, sigmoid gates"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weight = torch.nn.Parameter(torch.randn(config.num_experts, config.n_embd) * config.n_embd ** -0.5)
+
+    def forward(self, x, idx):
+        logits = F.linear(x.float(), self.weight.float())
+        chosen = logits.topk(self.top_k, dim=-1)
+        return chosen.indices, torch.sigmoid(chosen.values), {}
+
+
+@pytest.fixture
+def sigmoid_router():
+    """The whole of adding a router: the class above and one registry line."""
+    register_router("sigmoid")(SigmoidRouter)
+    yield
+    del train_gpt2.ROUTERS["sigmoid"]
+
+
+def test_a_router_registered_in_a_test_file_trains(sigmoid_router, shards, tmp_path, capsys):
+    flags = [*TINY, *data_flags(shards), "--num_experts", "4", "--top_k", "2", "--router", "sigmoid",
+             "--num_iterations", "30", "--warmdown_iters", "10", "--val_loss_every", "15", "--seed", "3",
+             "--log_dir", str(tmp_path)]
+    assert "sigmoid: a test router" in train_gpt2.build_parser().format_help()
+    assert train_gpt2.main(flags) == 0
+    _, lines = run_log(tmp_path)
+    val = val_losses(lines)
+    assert sorted(val) == [0, 15, 30] and val[30] < val[0] - 0.5
+    reports = list(filter(None, map(train_gpt2.parse_router_line, lines)))
+    last = [fields for step, layer, fields in reports if step == 30]
+    assert len(last) == 2 and all(f["ce_grad_norm"] > 0 for f in last)  # its weights learn from the loss
+    assert not any("entropy" in f or "balance_grad_norm" in f for f in last)  # it gave no such statistics
+    state = torch.load(checkpoints(tmp_path)[-1])
+    muon_groups = state["optimizers"][2]["param_groups"]
+    assert len(muon_groups) == 2 and len(muon_groups[1]["params"]) == 2  # its weights: Muon's router group
+    # the flags it cannot use are refused by the registry's generic check, naming the router that can
+    capsys.readouterr()
+    assert train_gpt2.main([*flags, "--aux_loss_coef", "0.01"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --router sigmoid does not use --aux_loss_coef (got 0.01); "
+                                               "leave it at 0.0, or use a router that does: learned")

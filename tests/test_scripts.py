@@ -2,7 +2,8 @@
 import os
 import subprocess
 
-from conftest import ROOT, VAL_LINE, run_log, val_losses
+from conftest import ROOT, run_log, val_losses
+from train_gpt2 import parse_step_line
 
 
 def launch(script, *args, nproc=2, timeout=300):
@@ -26,7 +27,7 @@ def short_smoke_run(script, tmp_path):
 def test_dense_smoke_run_learns(tmp_path):
     result, lines = short_smoke_run("run_dense.sh", tmp_path)
     assert "world_size:2" in result.stdout and "n_layer': 2" in "\n".join(lines)
-    assert any(VAL_LINE.match(l) for l in result.stdout.splitlines())
+    assert any(s and s.kind == "val" for s in map(parse_step_line, result.stdout.splitlines()))
 
 
 def test_a_bad_flag_stops_before_launch_with_one_line(tmp_path):

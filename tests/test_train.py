@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from conftest import (LN_TINY_VOCAB, ROOT, TINY, TRAIN_LINE, VAL_LINE, checkpoints, data_flags, run_log,
-                      torchrun, train_losses, val_losses)
+import re
+
+from conftest import (LN_TINY_VOCAB, ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses,
+                      val_losses)
+from train_gpt2 import get_lr, parse_args, parse_step_line
 
 
 def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):
@@ -21,9 +24,15 @@ def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):
     assert val[60] < val[0] - 1.5, val  # the Markov language is learnable
     train = train_losses(lines)
     assert sorted(train) == list(range(1, 61))
-    # every step line keeps the record's exact format; the console shows the same lines
+    # every step line keeps the record's exact format, a train line adding the lr multiplier at its end; the
+    # console shows the same lines
     step_lines = [l for l in lines if l.startswith("step:")]
-    assert all(VAL_LINE.match(l) or TRAIN_LINE.match(l) for l in step_lines)
+    record = r"step:\d+/60 (val|train)_loss:\d+\.\d{4} train_time:\d+ms step_avg:(nan|\d+\.\d\d)ms"
+    assert all(re.fullmatch(record, l) or re.fullmatch(record + r" lr_mult:\d\.\d{4}", l) for l in step_lines)
+    args = parse_args([*TINY, "--num_iterations", "60", "--warmdown_iters", "20"])
+    logged = {s.step: float(s.extra["lr_mult"]) for s in map(parse_step_line, step_lines) if s.kind == "train"}
+    assert logged == {step: round(get_lr(step - 1, args), 4) for step in range(1, 61)}
+    assert logged[40] == 1.0 and logged[50] == 0.55 and logged[60] == 0.05  # the warmdown's last 20 steps
     assert [l for l in result.stdout.splitlines() if l.startswith("step:")] == step_lines
     assert "world_size:2" in result.stdout
 
