@@ -1,18 +1,20 @@
 """
-Benchmark the MoE against the dense model on whatever device this finds: the MLP layer alone, the whole
-train step, the optimizer step, and the compiled graph's health (graph breaks, recompiles, host syncs).
+Benchmark the MoE against the dense model with the trainer's own pieces: its flags and Hyperparameters, its
+model, optimizers, runtime (precision, compile, attention backend) and train_step. On whatever device this
+finds it times the whole train step, the optimizer step alone and (optionally) the MLP layer alone, and
+counts graph breaks, recompiles and host syncs of the compiled step.
 
-    python bench.py                          # CPU: small sizes, eager float32 timings; CUDA: full size, compiled bf16
-    python bench.py --size full --device_batch_size 32
-    python bench.py --json bench.json --peak_tflops 989
+    python bench.py                          # CPU: --size small, eager float32; CUDA: the trainer's full size, compiled bf16
+    python bench.py --device_batch_size 32   # any trainer flag: it sets the MoE (default: the seed's, as run_moe.sh)
+    python bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
 
-It prints a markdown table with the MoE/dense ratios and writes the same figures as JSON. The MoE wins in
-wall-clock only if its train step costs less than 1.125x the dense one (it needs ~4000 steps to the dense
-model's ~4500); our target is 1.05x.
+The dense model is the MoE's flags with a dense MLP. It prints a markdown table with the MoE/dense ratios and
+writes the same figures as JSON. The MoE wins in wall-clock only if its train step costs less than 1.125x
+the dense one (it needs ~4000 steps to the dense model's ~4500); our target is 1.05x.
 """
 import argparse
+import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -22,12 +24,12 @@ import warnings
 
 import torch
 
-from train_gpt2 import GPT, MLP, GPTConfig, Hyperparameters, MoE, balance_loss, make_optimizers
+from train_gpt2 import (GPT, MLP, GPTConfig, Hyperparameters, MoE, ROUTERS, TrainClock, TrainState, build_parser,
+                        check_args, make_optimizers, objective, setup_runtime, train_step, wrap_model)
 
-SIZES = {  # model and batch per device
-    "full": dict(vocab_size=50304, n_layer=12, n_head=6, n_embd=768, sequence_length=1024, device_batch_size=64),
-    "small": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8),
-}
+# the trainer's defaults are the full size; small is a CPU-sized model (flags given on the command line win)
+SMALL = dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8)
+SEED_MOE = dict(num_experts=4, top_k=1, aux_loss_coef=0.01)  # run_moe.sh: the MoE when no flag says otherwise
 # dense bf16 tensor-core peaks (TFLOP/s), for MFU; --peak_tflops for anything else
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("B200", 2250.0),
                ("A100", 312.0)]
@@ -51,11 +53,12 @@ def cpu_name() -> str:
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM's count): 6 x the matmul parameters a token uses, plus attention's
     12 x layers x width x sequence length. The MoE's active parameters are top_k experts, the shared expert
-    and the router: an MLP of width top_k x expert_hidden + shared_expert_hidden, plus C x E."""
+    and the router's parameters: an MLP of width top_k x expert_hidden + shared_expert_hidden, plus the router."""
     C, L = config.n_embd, config.n_layer
     moe = config.num_experts > 1
     mlp = 2 * C * ((config.top_k if moe else 1) * config.expert_width + config.shared_expert_hidden)
-    router = C * config.num_experts if moe and config.router == "learned" else 0
+    with torch.device("meta"):
+        router = sum(p.numel() for p in ROUTERS[config.router](config).parameters()) if moe else 0
     active = L * (4 * C * C + mlp + router) + config.vocab_size * C
     return 6 * active + 12 * L * C * seq_len
 
@@ -79,19 +82,33 @@ class Timer:
         return statistics.median(times)
 
 
+class GraphHealth:
+    """Graph breaks and recompiles of compiled code, from torch._dynamo's counters: breaks while a block runs
+    first (compilation), recompiles in later blocks (the timed steps should need none)."""
+
+    def __init__(self):
+        from torch._dynamo.utils import counters
+        self.counters = counters
+        counters.clear()
+
+    def first_calls_done(self):
+        self.breaks = sum(self.counters["graph_break"].values())
+        self.frames = self.counters["frames"]["total"]
+
+    def result(self) -> dict:
+        return dict(graph_breaks=self.breaks, recompiles=self.counters["frames"]["total"] - self.frames,
+                    graphs=self.counters["stats"]["unique_graphs"], break_reasons=sorted(self.counters["graph_break"])[:5])
+
+
 def count_graph_health(fn, warmup_calls: int, more_calls: int) -> dict:
-    """Graph breaks in the first compiled calls, and recompiles in later ones (torch._dynamo's counters)."""
-    from torch._dynamo.utils import counters
-    counters.clear()
+    """GraphHealth of fn called warmup_calls times, then more_calls times."""
+    health = GraphHealth()
     for _ in range(warmup_calls):
         fn()
-    breaks = sum(counters["graph_break"].values())
-    frames = counters["frames"]["total"]
+    health.first_calls_done()
     for _ in range(more_calls):
         fn()
-    return dict(graph_breaks=breaks, recompiles=counters["frames"]["total"] - frames,
-                graphs=counters["stats"]["unique_graphs"],
-                break_reasons=sorted(counters["graph_break"])[:5])
+    return health.result()
 
 
 def count_host_syncs(fn) -> int | None:
@@ -110,160 +127,169 @@ def count_host_syncs(fn) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-class Setup:
-    """One model (dense or MoE) with its optimizers, batch and autocast, as train_gpt2.py builds them."""
+class FixedBatch:
+    """The train loader's interface over one fixed batch of random tokens."""
 
-    def __init__(self, args, num_experts: int, device: torch.device, compile_model: bool):
-        hyper = Hyperparameters(**{k: v for k, v in SIZES[args.size].items() if k != "device_batch_size"},
-                                **moe_fields(args, num_experts), aux_loss_coef=0.01 if num_experts > 1 else 0.0)
-        self.config = GPTConfig.from_args(hyper)
-        self.device, self.args = device, args
-        torch.manual_seed(0)
-        self.model = GPT(self.config).to(device)
-        self.dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-        self.optimizers = make_optimizers(self.model, hyper, self.dtype)
-        self.compiled = torch.compile(self.model) if compile_model else self.model
-        self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        B, T = args.device_batch_size, hyper.sequence_length
-        self.tokens = B * T
+    def __init__(self, args: Hyperparameters, device: torch.device):
         gen = torch.Generator().manual_seed(1)
-        self.x = torch.randint(0, self.config.vocab_size, (B, T), generator=gen).to(device)
-        self.y = torch.randint(0, self.config.vocab_size, (B, T), generator=gen).to(device)
-        self.aux = hyper.aux_loss_coef
+        shape = (args.device_batch_size, args.sequence_length)
+        self.x = torch.randint(0, args.vocab_size, shape, generator=gen).to(device)
+        self.y = torch.randint(0, args.vocab_size, shape, generator=gen).to(device)
 
-    def forward_backward(self):
-        with self.autocast:
-            loss, stats = self.compiled(self.x, self.y)
-        if self.aux:
-            loss = loss + self.aux * balance_loss(stats["load"], stats["prob"])
-        loss.backward()
-
-    def optimizer_step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-    def train_step(self):
-        self.forward_backward()
-        self.optimizer_step()
-        self.model.zero_grad(set_to_none=True)
+    def next_batch(self):
+        return self.x, self.y
 
 
-def moe_fields(args, num_experts: int) -> dict:
-    """The MoE's settings from the command line; the dense model (num_experts 1) keeps the record's MLP."""
-    if num_experts == 1:
-        return dict(num_experts=1)
-    return dict(num_experts=num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
-                shared_expert_hidden=args.shared_expert_hidden)
-
-
-def bench_layer(args, num_experts: int, device: torch.device, timer: Timer) -> float:
-    """Forward and backward of one MLP layer (dense) or MoE layer at the model's shapes, on normalised input."""
-    size = SIZES[args.size]
-    config = GPTConfig(n_embd=size["n_embd"], **moe_fields(args, num_experts))
+def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
+    """The trainer's train_step (one micro-batch) and optimizer step on one model; the figures as a dict."""
     torch.manual_seed(0)
-    layer = (MLP(config) if num_experts == 1 else MoE(config)).to(device)
-    torch.nn.init.normal_(layer.c_proj.weight if num_experts == 1 else layer.c_proj, std=0.02)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    x = torch.randn(args.device_batch_size, size["sequence_length"], config.n_embd, device=device, requires_grad=True)
-    idx = torch.randint(0, 50257, x.shape[:2], device=device)
-    run = torch.compile(layer) if args.compile else layer
+    model = GPT(GPTConfig.from_args(args)).to(rt.device)
+    optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
+    wrapped = wrap_model(model, rt)
+    state = TrainState(model, optimizers, FixedBatch(args, rt.device), TrainClock())
+    health = GraphHealth() if rt.compile_model else None
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = run(x, idx)[0] if num_experts > 1 else run(x)
+        train_step(0, wrapped, state, args, rt)
+
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(bench_args.warmup):  # compilation happens here
+        step()
+    if health:
+        health.first_calls_done()
+    r = dict(step_ms=timer(step, 0, bench_args.steps))
+    r.update(health.result() if health else {})
+    r["tokens_per_s"] = args.device_batch_size * args.sequence_length / (r["step_ms"] / 1000)
+    r["flops_per_token"] = flops_per_token(model.config, args.sequence_length)
+    r["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20 if rt.cuda else None
+    r["host_syncs_per_step"] = count_host_syncs(step)
+    # the optimizers alone, on the gradients of one forward and backward
+    with rt.autocast():
+        loss, stats = wrapped(state.train_loader.x, state.train_loader.y)
+    objective(loss, stats, stats.get("load"), args).backward()
+    r["optimizer_ms"] = timer(lambda: [opt.step() for opt in optimizers], 1, max(3, bench_args.steps // 3))
+    r["params"] = sum(p.numel() for p in model.parameters())
+    return r
+
+
+def bench_layer(args: Hyperparameters, rt, bench_args, timer: Timer) -> float:
+    """Forward and backward of one MLP layer (dense) or MoE layer at the model's shapes, on normalised input."""
+    config = GPTConfig.from_args(args)
+    torch.manual_seed(0)
+    layer = (MLP(config) if config.num_experts == 1 else MoE(config)).to(rt.device)
+    torch.nn.init.normal_(layer.c_proj.weight if config.num_experts == 1 else layer.c_proj, std=0.02)
+    x = torch.randn(args.device_batch_size, args.sequence_length, config.n_embd, device=rt.device, requires_grad=True)
+    idx = torch.randint(0, args.vocab_size, x.shape[:2], device=rt.device)
+    run = torch.compile(layer) if rt.compile_model else layer
+
+    def step():
+        with rt.autocast():
+            y = run(x, idx)[0] if config.num_experts > 1 else run(x)
         y.float().square().mean().backward()
-    return timer(step, args.warmup, args.steps)
+    return timer(step, bench_args.warmup, bench_args.steps)
+
+
+def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
+    """The benchmark's own flags, then the trainer's (with the seed's MoE and --size as their defaults)."""
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every other flag is the trainer's (python train_gpt2.py --help).")
+    parser.add_argument("--size", choices=["full", "small"], default="full" if cuda else "small",
+                        help="full: the trainer's defaults (the record's model and per-GPU batch); small: a CPU size")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
+    parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the MLP layer alone, dense vs MoE (two more compiles when compiled)")
+    parser.add_argument("--peak_tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--json", help="write the figures here as JSON")
+    bench_args, rest = parser.parse_known_args(argv)
+    trainer = build_parser()
+    trainer.set_defaults(**SEED_MOE, **(SMALL if bench_args.size == "small" else {}))
+    try:
+        args = Hyperparameters(**vars(trainer.parse_args(rest)))
+    except SystemExit:
+        parser.print_usage(sys.stderr)
+        raise
+    # one micro-batch per step; no validation
+    args = dataclasses.replace(args, batch_size=args.device_batch_size,
+                               val_tokens=args.device_batch_size * args.sequence_length)
+    if args.num_experts < 2:
+        parser.error(f"--num_experts {args.num_experts}: the benchmark compares an MoE (2 or more experts) with dense")
+    try:
+        check_args(args, world_size=1)
+    except ValueError as e:
+        parser.error(str(e))
+    return bench_args, args
+
+
+def dense_counterpart(args: Hyperparameters) -> Hyperparameters:
+    """The same flags with the record's dense MLP (router flags are ignored by a dense model)."""
+    return dataclasses.replace(args, num_experts=1, top_k=1, expert_hidden=None, shared_expert_hidden=0)
 
 
 def main(argv=None):
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full" if cuda else "small")
-    parser.add_argument("--device_batch_size", type=int, help="sequences per step (default: the size's)")
-    parser.add_argument("--num_experts", type=int, default=4)
-    parser.add_argument("--top_k", type=int, default=1)
-    parser.add_argument("--expert_hidden", type=int, help="each routed expert's hidden width (default: 4 x width)")
-    parser.add_argument("--shared_expert_hidden", type=int, default=0, help="the shared expert's width (0: none)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
-                        help="time the compiled model (default: on with CUDA)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
-    parser.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
-                        help="count graph breaks and recompiles of the compiled model (compiles in bf16)")
-    parser.add_argument("--peak_tflops", type=float, help="the device's dense bf16 peak, for MFU")
-    parser.add_argument("--json", help="write the figures here as JSON")
-    args = parser.parse_args(argv)
-    if args.device_batch_size is None:
-        args.device_batch_size = SIZES[args.size]["device_batch_size"]
-    if args.num_experts < 2 or not 1 <= args.top_k <= args.num_experts:
-        parser.error(f"--num_experts {args.num_experts} / --top_k {args.top_k}: need 2 or more experts and "
-                     f"1 <= top_k <= num_experts")
-    if (args.expert_hidden is not None and args.expert_hidden <= 0) or args.shared_expert_hidden < 0:
-        parser.error("--expert_hidden must be positive and --shared_expert_hidden >= 0")
-    device = torch.device("cuda" if cuda else "cpu")
-    timer = Timer(device)
-    peak = args.peak_tflops or device_peak_tflops(device)
-    device_name = torch.cuda.get_device_name(device) if cuda else cpu_name()
-    print(f"device: {device_name} ({os.cpu_count()} CPUs), torch {torch.__version__}, size {args.size}, "
-          f"{args.dtype}, {'compiled' if args.compile else 'eager'}, {args.device_batch_size} x "
-          f"{SIZES[args.size]['sequence_length']} tokens per step", flush=True)
+    bench_args, moe_args = parse(argv)
+    rt = setup_runtime(moe_args)
+    timer = Timer(rt.device)
+    peak = bench_args.peak_tflops or device_peak_tflops(rt.device)
+    device_name = torch.cuda.get_device_name(rt.device) if rt.cuda else cpu_name()
+    print(f"device: {device_name} ({os.cpu_count()} CPUs), torch {torch.__version__}, size {bench_args.size}, "
+          f"{str(rt.dtype)[6:]}, {'compiled' if rt.compile_model else 'eager'}, attention {rt.attention}, "
+          f"{moe_args.device_batch_size} x {moe_args.sequence_length} tokens per step", flush=True)
 
     results = {}
-    for mode, experts in (("dense", 1), ("moe", args.num_experts)):
-        r = results[mode] = {}
-        r["layer_ms"] = bench_layer(args, experts, device, timer)
-        setup = Setup(args, experts, device, args.compile)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        r["step_ms"] = timer(setup.train_step, args.warmup, args.steps)
-        r["tokens_per_s"] = setup.tokens / (r["step_ms"] / 1000)
-        r["flops_per_token"] = flops_per_token(setup.config, SIZES[args.size]["sequence_length"])
+    for mode, args in (("dense", dense_counterpart(moe_args)), ("moe", moe_args)):
+        r = results[mode] = bench_model(args, rt, bench_args, timer)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12) if peak else None
-        r["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
-        setup.forward_backward()
-        r["optimizer_ms"] = timer(setup.optimizer_step, 1, max(3, args.steps // 3))
-        setup.model.zero_grad(set_to_none=True)
-        r["host_syncs_per_step"] = count_host_syncs(setup.train_step)
-        if args.health:
-            torch._dynamo.reset()
-            health_args = argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
-            compiled = Setup(health_args, experts, device, compile_model=True)
-            r.update(count_graph_health(compiled.train_step, warmup_calls=2, more_calls=3))
-        r["params"] = sum(p.numel() for p in setup.model.parameters())
+        if bench_args.layer:
+            r["layer_ms"] = bench_layer(args, rt, bench_args, timer)
         print(f"{mode}: done", flush=True)
-        del setup
+        if bench_args.json:  # the figures so far survive a later failure
+            write_json(bench_args, moe_args, rt, device_name, peak, results)
 
     def ratio(key):
         d, m = results["dense"].get(key), results["moe"].get(key)
         return m / d if d and m is not None else None
 
-    rows = [("MLP layer fwd+bwd (ms)", "layer_ms", ".2f"), ("train step (ms, median)", "step_ms", ".2f"),
-            ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("peak memory (MiB)", "peak_memory_mib", ",.0f"),
-            ("optimizer step (ms)", "optimizer_ms", ".2f"), ("parameters", "params", ",d"),
-            ("graph breaks", "graph_breaks", "d"), ("recompiles", "recompiles", "d"),
-            ("host syncs per step", "host_syncs_per_step", "d")]
-
     def cell(v, spec):
         return "-" if v is None else format(v, spec)
-    shape = (f", H={args.expert_hidden}" if args.expert_hidden else "") + (
-        f", shared {args.shared_expert_hidden}" if args.shared_expert_hidden else "")
-    print(f"\n| measure | dense | MoE (E={args.num_experts}, top-{args.top_k}{shape}) | MoE/dense |\n|---|---|---|---|")
-    for label, key, spec in rows:
+    shape = (f", H={moe_args.expert_hidden}" if moe_args.expert_hidden else "") + (
+        f", shared {moe_args.shared_expert_hidden}" if moe_args.shared_expert_hidden else "")
+    print(f"\n| measure | dense | MoE (E={moe_args.num_experts}, top-{moe_args.top_k}{shape}) | MoE/dense |\n|---|---|---|---|")
+    for label, key, spec in ROWS:
         print(f"| {label} | {cell(results['dense'].get(key), spec)} | {cell(results['moe'].get(key), spec)} | "
-              f"{cell(ratio(key), '.3f') if key not in ('graph_breaks', 'recompiles', 'host_syncs_per_step') else ''} |")
-    step_ratio = ratio("step_ms")
-    print(f"\nMoE/dense train step: {step_ratio:.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
-    if args.json:
-        meta = dict(device=device_name, torch=torch.__version__, command=" ".join(["python", *sys.argv]),
-                    size=args.size, dtype=args.dtype, compile=args.compile, device_batch_size=args.device_batch_size,
-                    num_experts=args.num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
-                    shared_expert_hidden=args.shared_expert_hidden,
-                    sequence_length=SIZES[args.size]["sequence_length"], peak_tflops=peak)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results, ratios={k: ratio(k) for _, k, _ in rows}), f, indent=2)
-        print(f"wrote {args.json}")
+              f"{cell(ratio(key), '.3f') if key not in UNRATIOED else ''} |")
+    print(f"\nMoE/dense train step: {ratio('step_ms'):.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
+    if bench_args.json:
+        write_json(bench_args, moe_args, rt, device_name, peak, results)
+        print(f"wrote {bench_args.json}")
     return results
+
+
+ROWS = [("MLP layer fwd+bwd (ms)", "layer_ms", ".2f"), ("train step (ms, median)", "step_ms", ".2f"),
+        ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("peak memory (MiB)", "peak_memory_mib", ",.0f"),
+        ("optimizer step (ms)", "optimizer_ms", ".2f"), ("parameters", "params", ",d"),
+        ("graph breaks", "graph_breaks", "d"), ("recompiles", "recompiles", "d"),
+        ("host syncs per step", "host_syncs_per_step", "d")]
+UNRATIOED = {"graph_breaks", "recompiles", "host_syncs_per_step"}
+
+
+def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict):
+    """The figures with what produced them; complete=False until both models are done."""
+    def ratio(key):
+        d, m = results.get("dense", {}).get(key), results.get("moe", {}).get(key)
+        return m / d if d and m is not None else None
+    meta = dict(device=device_name, torch=torch.__version__, command=" ".join(["python", *sys.argv]),
+                size=bench_args.size, dtype=str(rt.dtype)[6:], compile=rt.compile_model, attention=rt.attention,
+                device_batch_size=args.device_batch_size, sequence_length=args.sequence_length,
+                num_experts=args.num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
+                shared_expert_hidden=args.shared_expert_hidden, router=args.router, peak_tflops=peak,
+                complete="moe" in results)
+    tmp = f"{bench_args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta=meta, results=results, ratios={k: ratio(k) for _, k, _ in ROWS}), f, indent=2)
+    os.replace(tmp, bench_args.json)
 
 
 if __name__ == "__main__":

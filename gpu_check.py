@@ -1,89 +1,173 @@
 """
-The GPU proof in one command: on one CUDA GPU, show that the trainer's GPU path works and how fast it is,
-in about 6 minutes (compilation included), and write every figure into one folder ready to commit.
+The GPU proof in one command, sized for one call of at most 7 minutes on one H100/H200 with a cold compile
+cache, that keeps every figure it earns: each stage's results are written the moment the stage ends (and on
+SIGTERM or Ctrl-C), a failed stage does not stop the stages after it, and a stage that overruns its time is
+ended with its whole process tree.
 
-    python gpu_check.py                       # all stages, into records/<date>_<device>/
-    python gpu_check.py --out DIR --skip e2e  # another folder; leave stages out
-    python gpu_check.py --dry                 # the same stages at tiny sizes, on the CPU (the tests run this)
+    python gpu_check.py                        # the default stages, into records/<date>_<device>/
+    python gpu_check.py --out DIR --stages tests,bench,bench_b32
+    python gpu_check.py --dry                  # the same stages at tiny sizes on the CPU (the tests run this)
 
-Stages, in order; the first failure stops the check with a one-line reason:
-  tests  tests/test_cuda.py: the grouped GEMM in bf16 against a loop for skewed expert loads, fullgraph
-         compile, no host sync in a compiled MoE train step, DDP over NCCL with an idle expert
-  bench  bench.py at full size, compiled, bf16, dense vs the seed's MoE: device batch 64, then 32 (JSON)
-  e2e    ./run_moe.sh, then ./run_dense.sh, at full model size on generated full-vocabulary shards: a
-         validation, a SIGTERM that checkpoints, --resume latest to the end; each log is checked
-then the summary: README.md and summary.json in the folder, with the device, the versions, each figure and
-each stage's time. All stages share one inductor cache directory (--work), so compiled kernels are reused
-between stages and by a second run of the check on the same machine.
+Stages (in order; * = not run unless named in --stages):
+  preflight  every import and tool the stages need, CUDA, free disk: what is missing, in one line
+  tests      tests/test_cuda.py: the record's GPU settings (cuDNN attention, compiled Newton-Schulz,
+             coordinate-descent tuning), the grouped GEMM in bf16 against a loop for skewed loads, the compiled
+             MoE step without host syncs, DDP over NCCL with an idle expert. Yields pass/fail counts.
+  bench      bench.py at the trainer's full size, compiled bf16, device batch 64, dense vs the seed's MoE.
+             Yields train-step ms and the MoE/dense ratio, tokens/s, MFU, peak memory, optimizer ms, host
+             syncs, graph breaks, recompiles and the attention backend that ran.
+  e2e_moe    ./run_moe.sh at full size on generated shards, compiled (the bench's kernels are in the cache):
+             a validation, a SIGTERM that checkpoints, --resume latest to the end. Yields the val loss at the
+             start and the end, step_avg and peak memory, and that preemption and resume work on the GPU.
+  e2e_dense  the same with ./run_dense.sh, eager (no compile): the dense launcher and its checkpoints.
+  bench_b32* bench.py at device batch 32 (the seed's batch).
+Each stage's compiles are planned (printed at the start) and counted (from torch's structured trace), so a
+change that adds compiles shows in the summary and, under --dry, fails tests/test_gpu_check.py.
 """
 import argparse
+import codecs
 import datetime
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ["tests", "bench", "e2e"]
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
-TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
-PEAK_LINE = re.compile(r"^peak memory consumption: (\d+) MiB$")
+sys.path.insert(0, str(ROOT))
 
-# the end-to-end runs: the full model, one micro-batch of 64 sequences per step (the record's per-GPU batch)
-E2E_FULL = dict(model=[], batch=64, sequence_length=1024, vocab_size=50304, steps=40, stop_after=20)
-E2E_DRY = dict(model=["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--dtype", "float32"],
-               batch=4, sequence_length=64, vocab_size=512, steps=8, stop_after=3)
+# model and batch of the bench and the end-to-end runs: the same, so that the e2e runs reuse the bench's
+# compiled kernels from the shared inductor cache
+FULL = dict(flags=[], batch=64, sequence_length=1024, vocab_size=50304, steps=20, stop_after=8)
+TINY = dict(flags=["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--dtype", "bfloat16", "--compile"],
+            batch=4, sequence_length=64, vocab_size=512, steps=8, stop_after=3)
+
+
+@dataclass
+class Stage:
+    name: str
+    summary: str  # what it runs
+    processes: str  # the processes it starts
+    compiles: dict  # planned Dynamo frame compiles, by what compiles: {what: (count on a GPU, count under --dry)}
+    cap_s: tuple  # (GPU, --dry): the most seconds it may take
+    needs: list  # preflight items it cannot run without
+    default: bool = True
+    estimate_s: int = 0  # expected GPU seconds with a cold cache (see the README)
+
+    def planned(self, dry: bool) -> int:
+        return sum(counts[1 if dry else 0] for counts in self.compiles.values())
+
+
+STAGES = [
+    Stage("preflight", "imports, tools, CUDA, disk", "1 python", {}, (15, 30), [], estimate_s=5),
+    Stage("tests", "pytest tests/test_cuda.py", "1 pytest", {
+        "grouped GEMM fullgraph (one static, one dynamic shape)": (2, 0),
+        "2-layer MoE model at full width, fullgraph": (1, 0),
+        "Newton-Schulz as the trainer compiles it": (1, 0)},
+        (90, 60), ["torch", "pytest", "CUDA"], estimate_s=75),
+    Stage("bench", "bench.py, device batch 64", "1 python", {
+        "dense model (train graph)": (1, 1), "MoE model (train graph)": (1, 1),
+        "Newton-Schulz: dense [C,C] static, [4C,C] and [C,4C] dynamic; MoE [E,4C,C], [E,C,4C], [E,C]": (6, 6)},
+        (180, 360), ["torch", "CUDA"], estimate_s=180),
+    Stage("e2e_moe", "./run_moe.sh: train, SIGTERM, --resume latest", "2 x (bash, torchrun, 1 worker)", {
+        "part 1: eval graph (cold), train graph and 4 Newton-Schulz shapes (warm)": (6, 6),
+        "part 2, the resume: the same 6, all warm": (6, 6)},
+        (100, 360), ["torch", "CUDA", "bash", "setsid", "disk"],
+        estimate_s=120),
+    Stage("e2e_dense", "./run_dense.sh --no-compile: train, SIGTERM, --resume latest",
+          "2 x (bash, torchrun, 1 worker)", {}, (35, 120), ["torch", "CUDA", "bash", "setsid", "disk"],
+          estimate_s=35),
+    Stage("bench_b32", "bench.py, device batch 32", "1 python", {
+        "dense and MoE train graphs at batch 32 (cold), Newton-Schulz (warm)": (8, 8)},
+        (120, 360), ["torch", "CUDA"], default=False, estimate_s=110),
+]
+BY_NAME = {s.name: s for s in STAGES}
 
 
 class CheckFailed(Exception):
     """A stage failed; the message is the one-line reason."""
 
 
-class Check:
-    def __init__(self, args):
-        self.out, self.work, self.dry = Path(args.out), Path(args.work), args.dry
-        self.deadline = time.monotonic() + args.budget_s
-        self.budget_s = args.budget_s
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
-        cache = self.work / "inductor"
-        self.env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "NPROC": "1",
-                    "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
-                    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-        if self.dry:
-            self.env["OMP_NUM_THREADS"] = "1"
-        self.summary = dict(stages={}, figures={}, files=[])
+# -----------------------------------------------------------------------------
+# processes: every process a stage starts carries a tag in its environment, so the whole tree can be found
+# and ended, including processes in sessions of their own (run.sh's torchrun and torchrun's workers) and
+# orphans reparented to init
 
-    def remaining(self, what: str) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise CheckFailed(f"{what}: the check ran out of its {self.budget_s:g} s budget (--budget_s)")
-        return left
 
-    def keep(self, name: str, text: str) -> Path:
-        path = self.out / name
-        path.write_text(text)
-        self.summary["files"].append(name)
-        return path
+def tagged_pids(tag: str) -> list[int]:
+    """The live processes whose environment holds GPU_CHECK_RUN=tag (from /proc: Linux)."""
+    needle = f"GPU_CHECK_RUN={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:  # gone, or not ours
+                pass
+    return found
 
-    def run(self, name: str, cmd: list[str]) -> subprocess.CompletedProcess:
-        """Run a command in the repository; its output is kept as <name>.out. A timeout is a failure."""
+
+def end_tree(tag: str, proc: subprocess.Popen | None = None) -> None:
+    """SIGKILL every process carrying the tag until none is left, and reap the direct child."""
+    for _ in range(50):
+        pids = tagged_pids(tag)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    if proc is not None:
         try:
-            result = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True,
-                                    timeout=self.remaining(name))
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout or ""
-            self.keep(f"{name}.out", out.decode(errors="replace") if isinstance(out, bytes) else out)
-            raise CheckFailed(f"{name}: still running when the {self.budget_s:g} s budget ran out (--budget_s)")
-        self.keep(f"{name}.out", result.stdout + result.stderr)
-        return result
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run_tagged(cmd: list[str], tag: str, env: dict, output: Path, timeout: float, cwd: Path = ROOT,
+               on_line=None) -> tuple[int | None, str]:
+    """Run cmd with its output (stdout and stderr) streamed into a file; on_line(line, proc) sees each line.
+    Returns (exit status, or None if it ran past timeout and its tree was ended; the output so far)."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    decoder, pending, status = codecs.getincrementaldecoder("utf-8")(errors="replace"), "", None
+    with open(output, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "GPU_CHECK_RUN": tag}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        fd = proc.stdout.fileno()
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                chunk = os.read(fd, 1 << 16) if ready else b""
+                if ready and not chunk:  # end of output: every writer has exited
+                    status = proc.wait()
+                    break
+                text = decoder.decode(chunk)
+                out.write(text)
+                out.flush()
+                *lines, pending = (pending + text).split("\n")
+                for line in lines:
+                    if on_line:
+                        on_line(line, proc)
+        finally:
+            end_tree(tag, proc)  # past the deadline, or what a finished command left behind
+            proc.stdout.close()
+    return status, output.read_text(errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# the check: stages, their figures, the summary after each
 
 
 def last_error_line(text: str) -> str:
@@ -96,101 +180,247 @@ def last_error_line(text: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
+def count_compiles(trace_dir: Path) -> dict:
+    """Dynamo frame compiles in a stage's structured traces (TORCH_TRACE), and the inductor graphs found in the
+    cache (warm) or compiled (cold)."""
+    compiles, hits, misses = 0, 0, 0
+    for path in trace_dir.glob("*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("\t") or "{" not in line:
+                continue  # a payload line
+            try:
+                event = json.loads(line[line.index("{"):])
+            except ValueError:
+                continue
+            compiles += "dynamo_start" in event
+            name = event.get("artifact", {}).get("name", "")
+            hits += name == "fx_graph_cache_hit"
+            misses += name == "fx_graph_cache_miss"
+    return dict(compiles=compiles, inductor_graphs_from_cache=hits, inductor_graphs_compiled=misses)
+
+
+class Check:
+    def __init__(self, args, stages: list[Stage]):
+        self.dry, self.stages = args.dry, stages
+        self.out, self.work = Path(args.out), Path(args.work)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.budget_s = args.budget_s
+        self.start = time.monotonic()
+        self.tag = f"{uuid.uuid4()}"
+        self.sizes = TINY if self.dry else FULL
+        cache = self.work / "inductor"
+        self.env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "NPROC": "1",
+                    "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+                    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+                    **({"OMP_NUM_THREADS": "1"} if self.dry else {})}
+        self.summary = dict(stages={s.name: dict(status="not run", planned_compiles=s.planned(self.dry),
+                                                 cap_s=s.cap_s[self.dry]) for s in stages},
+                            figures={}, files=[], missing=[], tag=self.tag)
+        self.current: Stage | None = None
+
+    def deadline_for(self, stage: Stage) -> float:
+        """The caps, scaled to fit --budget_s, laid end to end from the start: a stage that ends early leaves
+        its time to the next, and no stage can eat the time of those after it."""
+        caps = [s.cap_s[self.dry] for s in self.stages]
+        upto = sum(caps[:self.stages.index(stage) + 1])
+        return self.start + self.budget_s * upto / sum(caps)
+
+    def run(self, name: str, cmd: list[str], on_line=None, env: dict | None = None) -> tuple[int, str]:
+        """A command of the current stage, in the repository; its output kept as <name>.out. Past the stage's
+        time, its process tree is ended and the stage fails."""
+        stage = self.current
+        trace = self.work / "trace" / stage.name
+        trace.mkdir(parents=True, exist_ok=True)
+        output = self.out / f"{name}.out"
+        self.keep(output.name)
+        status, text = run_tagged(cmd, self.tag, {**self.env, "TORCH_TRACE": str(trace), **(env or {})}, output,
+                                  self.stage_deadline - time.monotonic(), on_line=on_line)
+        if status is None:
+            raise CheckFailed(f"{name}: still running at the stage's limit "
+                              f"({self.stage_limit_s:.0f} s; the budget is --budget_s {self.budget_s:g})")
+        return status, text
+
+    def keep(self, name: str):
+        if name not in self.summary["files"]:
+            self.summary["files"].append(name)
+
+    def write_summary(self):
+        """summary.json and README.md, each replaced atomically."""
+        for name, text in (("summary.json", json.dumps(self.summary, indent=2)),
+                           ("README.md", summary_markdown(self.summary))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / name)
+
+    def run_stage(self, stage: Stage, fn):
+        entry = self.summary["stages"][stage.name]
+        missing = [n for n in stage.needs if n in self.summary["missing"]]
+        if missing:
+            entry.update(status="skipped", reason=f"missing {', '.join(missing)} (see preflight)")
+            return
+        self.current, t0 = stage, time.monotonic()
+        self.stage_deadline = self.deadline_for(stage)
+        self.stage_limit_s = self.stage_deadline - t0
+        entry.update(status="running")
+        self.write_summary()
+        try:
+            self.summary["figures"][stage.name] = fn(self)
+            entry["status"] = "ok"
+        except CheckFailed as e:
+            entry.update(status="FAILED", reason=str(e))
+        finally:
+            entry["seconds"] = round(time.monotonic() - t0, 1)
+            trace = self.work / "trace" / stage.name
+            if trace.is_dir():
+                entry.update(count_compiles(trace))
+            self.current = None
+            self.write_summary()
+        print(f"gpu_check: {stage.name} {entry['status']} in {entry['seconds']:.0f} s"
+              + (f" ({entry.get('compiles', 0)} compiles, {entry['planned_compiles']} planned)" if stage.compiles else "")
+              + (f": {entry['reason']}" if entry["status"] != "ok" else ""), flush=True)
+
+
 # -----------------------------------------------------------------------------
 # the stages
 
 
+def stage_preflight(check: Check) -> dict:
+    """Try every import and tool the stages need; a stage that needs a missing one is skipped, saying so."""
+    found, missing = {}, []
+    for module in ("torch", "numpy", "pytest"):
+        probe = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            found[module] = probe.stdout.strip()
+        else:
+            missing.append(module)
+    for tool in ("bash", "setsid"):
+        if shutil.which(tool):
+            found[tool] = shutil.which(tool)
+        else:
+            missing.append(tool)
+    found["nvidia-smi"] = shutil.which("nvidia-smi") or "absent (the run logs say so; nothing needs it)"
+    found["torchrun on PATH"] = shutil.which("torchrun") or "absent (not needed: run.sh runs $PYTHON -m torch.distributed.run)"
+    if not check.dry and "torch" in found:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True)
+        if probe.stdout.strip() != "True":
+            missing.append("CUDA")
+    free_gb = shutil.disk_usage(check.work).free / 2 ** 30
+    found["free disk under --work (GB)"] = round(free_gb, 1)
+    if free_gb < (0.5 if check.dry else 10):  # two full-size MoE checkpoints of ~3 GB, caches, traces
+        missing.append("disk")
+    check.summary["missing"] = missing
+    if missing:
+        raise CheckFailed(f"missing {', '.join(missing)} (free disk {free_gb:.1f} GB); the stages that need them "
+                          f"are skipped")
+    return found
+
+
 def stage_tests(check: Check) -> dict:
-    result = check.run("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"])
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", result.stdout)}
-    if result.returncode != 0:
-        raise CheckFailed(f"tests: {last_error_line(result.stdout + result.stderr)}")
+    counts = {}
+
+    def tally(line, proc):
+        m = re.search(r" (PASSED|FAILED|SKIPPED|ERROR)\b", line)
+        if m and "::" in line:
+            counts[m[1].lower()] = counts.get(m[1].lower(), 0) + 1
+    status, text = check.run("tests", [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                       "tests/test_cuda.py"], on_line=tally)
+    check.summary["figures"]["tests"] = counts  # kept even if the stage fails below
+    if status != 0:
+        raise CheckFailed(f"tests: {last_error_line(text)}")
     return counts
 
 
-def stage_bench(check: Check) -> dict:
-    figures = {}
-    for batch in (64, 32):
-        name = f"bench_b{batch}"
+def bench_stage(batch: int):
+    def stage(check: Check) -> dict:
+        name = check.current.name
         json_path = check.out / f"{name}.json"
-        size = (["--size", "small", "--device_batch_size", "2", "--steps", "2", "--warmup", "1", "--no-health"]
-                if check.dry else ["--size", "full", "--device_batch_size", str(batch)]
-                + ([] if batch == 64 else ["--no-health", "--steps", "20"]))  # graph health once is enough
-        result = check.run(name, [sys.executable, "bench.py", *size, "--json", str(json_path)])
-        if result.returncode != 0:
-            raise CheckFailed(f"{name}: {last_error_line(result.stdout + result.stderr)}")
-        check.summary["files"].append(json_path.name)
-        figures[name] = json.loads(json_path.read_text())
-        if check.dry:
-            break  # one small size stands for both
-    return figures
+        sizes = check.sizes
+        flags = ([*sizes["flags"], "--vocab_size", str(sizes["vocab_size"]), "--sequence_length",
+                  str(sizes["sequence_length"]), "--steps", "2", "--warmup", "1"] if check.dry else ["--steps", "20"])
+        cmd = [sys.executable, "bench.py", "--no-layer", *flags, "--device_batch_size",
+               str(batch if not check.dry else sizes["batch"]), "--json", str(json_path)]
+        status, text = check.run(name, cmd)
+        figures = json.loads(json_path.read_text()) if json_path.is_file() else None
+        if figures:  # what it measured, even if it failed later
+            check.keep(json_path.name)
+            check.summary["figures"][name] = figures
+        if status != 0:
+            raise CheckFailed(f"{name}: {last_error_line(text)}")
+        moe = figures["results"]["moe"]
+        if moe.get("host_syncs_per_step"):
+            raise CheckFailed(f"{name}: the compiled MoE step syncs with the host {moe['host_syncs_per_step']} times")
+        return figures
+    return stage
 
 
-def make_shards(check: Check, sizes: dict) -> Path:
-    """Full-vocabulary synthetic shards (every token id can occur): enough for one pass of the e2e runs."""
+def make_shards(check: Check) -> Path:
+    """Full-vocabulary synthetic shards (every token id can occur): one pass of an e2e run."""
+    sizes = check.sizes
     shards = check.work / f"shards_v{sizes['vocab_size']}"
     tokens_per_step = sizes["batch"] * sizes["sequence_length"]
-    result = check.run("e2e_shards", [sys.executable, "data/synthetic.py", "--out", str(shards),
-                                      "--vocab_size", str(sizes["vocab_size"]), "--train_shards", "1",
-                                      "--shard_tokens", str(tokens_per_step * (sizes["steps"] + 2)),
-                                      "--val_tokens", str(tokens_per_step + 1)])
-    if result.returncode != 0:
-        raise CheckFailed(f"e2e: generating shards: {last_error_line(result.stderr)}")
+    if not (shards / "synthetic_val_000000.bin").is_file():
+        status, text = check.run(f"{check.current.name}_shards", [
+            sys.executable, "data/synthetic.py", "--out", str(shards), "--vocab_size", str(sizes["vocab_size"]),
+            "--train_shards", "1", "--shard_tokens", str(tokens_per_step * (sizes["steps"] + 2)),
+            "--val_tokens", str(tokens_per_step + 1)])
+        if status != 0:
+            raise CheckFailed(f"generating shards: {last_error_line(text)}")
     return shards
 
 
-def e2e_run(check: Check, script: str, shards: Path, sizes: dict) -> dict:
-    """One launcher at full model size: train, SIGTERM after a few steps (a checkpoint), --resume latest to the
-    end; then check its log. Returns the log's figures."""
-    mode = "moe" if "moe" in script else "dense"
-    log_dir = check.work / f"e2e_{mode}"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    steps, batch = sizes["steps"], sizes["batch"]
-    flags = [*sizes["model"], "--input_bin", str(shards / "synthetic_train_*.bin"),
-             "--input_val_bin", str(shards / "synthetic_val_*.bin"), "--vocab_size", str(sizes["vocab_size"]),
-             "--sequence_length", str(sizes["sequence_length"]), "--batch_size", str(batch),
-             "--device_batch_size", str(batch), "--val_tokens", str(batch * sizes["sequence_length"]),
-             "--num_iterations", str(steps), "--warmdown_iters", str(steps // 3), "--val_loss_every", str(steps // 2),
-             "--log_dir", str(log_dir), "--keep_checkpoints", "1", "--seed", "1"]
-    # first part: stopped by SIGTERM once a step after stop_after is logged (run.sh passes it to the workers)
-    output = []
-    proc = subprocess.Popen([f"./{script}", *flags], cwd=ROOT, env=check.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    # a run that hangs without printing is killed at the budget's end too, not only one that prints
-    watchdog = threading.Timer(check.remaining(f"e2e {mode}"), os.killpg, (proc.pid, signal.SIGKILL))
-    watchdog.start()
-    signalled = False
-    for line in proc.stdout:
-        output.append(line)
-        m = TRAIN_LINE.match(line.strip())
-        if m and int(m[1]) >= sizes["stop_after"] and not signalled:
-            proc.send_signal(signal.SIGTERM)
-            signalled = True
-    status = proc.wait()
-    watchdog.cancel()
-    check.remaining(f"e2e {mode}")  # killed by the watchdog: say so
-    check.keep(f"e2e_{mode}_part1.out", "".join(output))
-    if status != 0 or not signalled:
-        raise CheckFailed(f"e2e {mode}: the first part exited {status} "
-                          f"{'after' if signalled else 'before'} the SIGTERM: {last_error_line(''.join(output))}")
-    result = check.run(f"e2e_{mode}_resume", [f"./{script}", *flags, "--resume", "latest"])
-    if result.returncode != 0:
-        raise CheckFailed(f"e2e {mode}: --resume latest failed: {last_error_line(result.stdout + result.stderr)}")
-    (log,) = log_dir.glob("*.txt")
-    text = log.read_text()
-    check.keep(f"e2e_{mode}.txt", text)
-    return check_log(text, mode, steps, cuda=not check.dry)
+def e2e_stage(script: str, extra_flags: list[str]):
+    def stage(check: Check) -> dict:
+        name, sizes = check.current.name, check.sizes
+        shards = make_shards(check)
+        log_dir = check.work / name
+        shutil.rmtree(log_dir, ignore_errors=True)
+        steps, batch = sizes["steps"], sizes["batch"]
+        flags = [*sizes["flags"], *extra_flags, "--input_bin", str(shards / "synthetic_train_*.bin"),
+                 "--input_val_bin", str(shards / "synthetic_val_*.bin"), "--vocab_size", str(sizes["vocab_size"]),
+                 "--sequence_length", str(sizes["sequence_length"]), "--batch_size", str(batch),
+                 "--device_batch_size", str(batch), "--val_tokens", str(batch * sizes["sequence_length"]),
+                 "--num_iterations", str(steps), "--warmdown_iters", str(steps // 3), "--val_loss_every", str(steps),
+                 "--log_dir", str(log_dir), "--keep_checkpoints", "1", "--seed", "1"]
+        signalled = []
+
+        def stop_when_trained(line, proc):  # SIGTERM once a step after stop_after is logged
+            from train_gpt2 import parse_step_line
+            parsed = parse_step_line(line.strip())
+            if parsed and parsed.kind == "train" and parsed.step >= sizes["stop_after"] and not signalled:
+                proc.send_signal(signal.SIGTERM)  # run.sh hands it to the workers
+                signalled.append(parsed.step)
+        try:
+            status, text = check.run(f"{name}_part1", [f"./{script}", *flags], on_line=stop_when_trained)
+            if status != 0 or not signalled:
+                raise CheckFailed(f"the first part exited {status} {'after' if signalled else 'before'} the "
+                                  f"SIGTERM: {last_error_line(text)}")
+            status, text = check.run(f"{name}_resume", [f"./{script}", *flags, "--resume", "latest"])
+            if status != 0:
+                raise CheckFailed(f"--resume latest failed: {last_error_line(text)}")
+        finally:
+            logs = list(log_dir.glob("*.txt"))
+            if logs:  # the log so far, whatever happened
+                shutil.copy(logs[0], check.out / f"{name}.txt")
+                check.keep(f"{name}.txt")
+        return check_log((check.out / f"{name}.txt").read_text(), "moe" if "moe" in script else "dense", steps,
+                         cuda=not check.dry)
+    return stage
 
 
 def check_log(text: str, mode: str, steps: int, cuda: bool) -> dict:
     """What a healthy run's log shows; a CheckFailed naming the first thing missing."""
+    from train_gpt2 import parse_peak_memory, parse_router_line, parse_step_line
     lines = text.splitlines()
-    val = {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, lines) if m}
-    train = {int(m[1]): (float(m[3]), float(m[5])) for m in map(TRAIN_LINE.match, lines) if m}
+    parsed = [s for s in map(parse_step_line, lines) if s]
+    val = {s.step: s.loss for s in parsed if s.kind == "val"}
+    train = {s.step: s for s in parsed if s.kind == "train"}
     problems = []
     if 0 not in val or steps not in val:
         problems.append(f"validation lines at steps {sorted(val)}, not at 0 and {steps}")
-    elif not all(v == v and abs(v) != float("inf") for v in [*val.values(), *(t[0] for t in train.values())]):
+    elif not all(v == v and abs(v) != float("inf") for v in [*val.values(), *(t.loss for t in train.values())]):
         problems.append("a non-finite loss")
     elif not val[steps] < val[0]:
         problems.append(f"the val loss did not fall ({val[0]:.4f} -> {val[steps]:.4f})")
@@ -198,26 +428,34 @@ def check_log(text: str, mode: str, steps: int, cuda: bool) -> dict:
         problems.append(f"train steps {min(train, default=None)}..{max(train, default=None)} of 1..{steps}")
     if not any("stopped by SIGTERM: checkpoint" in l for l in lines) or not any(l.startswith("resume: from") for l in lines):
         problems.append("no 'stopped by SIGTERM' checkpoint and 'resume: from' line")
-    if mode == "moe" and not any(" router layer:" in l for l in lines):
+    if mode == "moe" and not any(map(parse_router_line, lines)):
         problems.append("no router lines")
-    peak = [int(m[1]) for m in map(PEAK_LINE.match, lines) if m]
+    peak = [m for m in map(parse_peak_memory, lines) if m is not None]
     if cuda and not peak:
         problems.append("no peak-memory line")
     if problems:
         raise CheckFailed(f"e2e {mode}: " + "; ".join(problems))
-    return dict(val_loss_start=val[0], val_loss_end=val[steps], step_avg_ms=train[steps][1],
+    return dict(val_loss_start=val[0], val_loss_end=val[steps], step_avg_ms=train[steps].step_avg_ms,
                 peak_memory_mib=max(peak) if peak else None)
 
 
-def stage_e2e(check: Check) -> dict:
-    sizes = E2E_DRY if check.dry else E2E_FULL
-    shards = make_shards(check, sizes)
-    return {mode: e2e_run(check, script, shards, sizes) for mode, script in (("moe", "run_moe.sh"),
-                                                                             ("dense", "run_dense.sh"))}
+RUNNERS = dict(preflight=stage_preflight, tests=stage_tests, bench=bench_stage(64), bench_b32=bench_stage(32),
+               e2e_moe=e2e_stage("run_moe.sh", []), e2e_dense=e2e_stage("run_dense.sh", ["--no-compile"]))
 
 
 # -----------------------------------------------------------------------------
-# the summary
+# the plan and the summary
+
+
+def plan_text(stages: list[Stage], dry: bool, budget_s: float) -> str:
+    lines = [f"gpu_check: the plan ({'--dry: tiny sizes on the CPU' if dry else 'one GPU, cold cache'}; "
+             f"stages end at their caps, the check at {budget_s:g} s):",
+             f"  {'stage':<10} {'cap':>6} {'estimate':>9}  {'processes':<34} compiles"]
+    for s in stages:
+        what = "; ".join(f"{n[1 if dry else 0]} {k}" for k, n in s.compiles.items() if n[1 if dry else 0]) or "none"
+        lines.append(f"  {s.name:<10} {s.cap_s[dry]:>5}s {'-' if dry else str(s.estimate_s) + 's':>9}  "
+                     f"{s.processes:<34} {s.planned(dry)}: {what}")
+    return "\n".join(lines)
 
 
 def fmt(v, spec: str) -> str:
@@ -225,96 +463,127 @@ def fmt(v, spec: str) -> str:
 
 
 def summary_markdown(s: dict) -> str:
-    lines = [f"# GPU check: {s['device']}", "",
-             f"- device: {s['device']}; torch {s['torch']}, CUDA {s['cuda']}; {s['date']}",
-             f"- command: `{s['command']}`", f"- result: **{s['result']}**", "",
-             "| stage | status | time |", "|---|---|---|"]
-    lines += [f"| {name} | {st['status']} | {st.get('seconds', 0):.0f} s |" for name, st in s["stages"].items()]
+    lines = [f"# GPU check: {s.get('device')}", "",
+             f"- device: {s.get('device')}; torch {s.get('torch')}, CUDA {s.get('cuda')}; {s.get('date')}",
+             f"- command: `{s.get('command')}`", f"- result: **{s.get('result', 'running')}**", "",
+             "| stage | status | time | cap | compiles (planned) | inductor graphs compiled / from cache | reason |",
+             "|---|---|---|---|---|---|---|"]
+    for name, st in s["stages"].items():
+        lines.append(f"| {name} | {st['status']} | {fmt(st.get('seconds'), '.0f')} s | {st['cap_s']} s | "
+                     f"{fmt(st.get('compiles'), 'd')} ({st['planned_compiles']}) | "
+                     f"{fmt(st.get('inductor_graphs_compiled'), 'd')} / {fmt(st.get('inductor_graphs_from_cache'), 'd')} | "
+                     f"{st.get('reason', '')} |")
     figures = s["figures"]
-    if "tests" in figures:
+    if figures.get("tests"):
         lines += ["", "Tests (`tests/test_cuda.py`): " + ", ".join(f"{n} {k}" for k, n in figures["tests"].items())]
-    for name, bench in figures.get("bench", {}).items():
+    for name in ("bench", "bench_b32"):
+        bench = figures.get(name)
+        if not bench:
+            continue
         meta, r, ratios = bench["meta"], bench["results"], bench["ratios"]
         lines += ["", f"## {name}: {meta['size']} size, {meta['dtype']}, {'compiled' if meta['compile'] else 'eager'}, "
-                      f"{meta['device_batch_size']} x {meta['sequence_length']} tokens per step", "",
+                      f"attention {meta.get('attention')}, {meta['device_batch_size']} x {meta['sequence_length']} "
+                      f"tokens per step{'' if meta.get('complete', True) else ' (incomplete)'}", "",
                   f"`{meta['command']}`", "", "| measure | dense | MoE | MoE/dense |", "|---|---|---|---|"]
-        rows = [("train step (ms)", "step_ms", ".2f"), ("MLP layer fwd+bwd (ms)", "layer_ms", ".2f"),
-                ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("peak memory (MiB)", "peak_memory_mib", ",.0f"),
-                ("optimizer step (ms)", "optimizer_ms", ".2f"), ("host syncs per step", "host_syncs_per_step", "d"),
-                ("graph breaks", "graph_breaks", "d"), ("recompiles", "recompiles", "d")]
+        rows = [("train step (ms)", "step_ms", ".2f"), ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"),
+                ("peak memory (MiB)", "peak_memory_mib", ",.0f"), ("optimizer step (ms)", "optimizer_ms", ".2f"),
+                ("host syncs per step", "host_syncs_per_step", "d"), ("graph breaks", "graph_breaks", "d"),
+                ("recompiles", "recompiles", "d")]
         for label, key, spec in rows:
             ratio = ratios.get(key) if key not in ("host_syncs_per_step", "graph_breaks", "recompiles") else None
-            lines.append(f"| {label} | {fmt(r['dense'].get(key), spec)} | {fmt(r['moe'].get(key), spec)} | "
+            lines.append(f"| {label} | {fmt(r.get('dense', {}).get(key), spec)} | {fmt(r.get('moe', {}).get(key), spec)} | "
                          f"{fmt(ratio, '.3f')} |")
         lines += ["", f"MoE/dense train step: {fmt(ratios.get('step_ms'), '.3f')}x (the MoE wins in wall-clock below "
-                      f"1.125x; the target is 1.05x). Dense: {fmt(r['dense'].get('tokens_per_s'), ',.0f')} tokens/s "
+                      f"1.125x; the target is 1.05x). Dense: {fmt(r.get('dense', {}).get('tokens_per_s'), ',.0f')} tokens/s "
                       f"on this device; the record ran ~462,000 tokens/s per H100."]
-    if "e2e" in figures:
-        lines += ["", "## End to end (`run_moe.sh`, `run_dense.sh`, one process, SIGTERM and `--resume latest`)", "",
+    runs = {k: v for k, v in figures.items() if k.startswith("e2e")}
+    if runs:
+        lines += ["", "## End to end (one process: train, SIGTERM, `--resume latest`)", "",
                   "| run | val loss at 0 | val loss at the end | step_avg (ms) | peak memory (MiB) |", "|---|---|---|---|---|"]
-        for mode, f in figures["e2e"].items():
+        for mode, f in runs.items():
             lines.append(f"| {mode} | {f['val_loss_start']:.4f} | {f['val_loss_end']:.4f} | {f['step_avg_ms']:.2f} | "
                          f"{fmt(f['peak_memory_mib'], 'd')} |")
+    if figures.get("preflight"):
+        lines += ["", "Preflight: " + "; ".join(f"{k}: {v}" for k, v in figures["preflight"].items())]
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in s["files"]), ""]
     return "\n".join(lines)
 
 
-def device_description(dry: bool) -> tuple[str, str | None]:
+def device_description(dry: bool) -> tuple[str, str | None, str]:
     import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0), torch.version.cuda
-    return ("CPU (dry run)" if dry else "CPU"), torch.version.cuda
+    if torch.cuda.is_available() and not dry:
+        return torch.cuda.get_device_name(0), torch.version.cuda, torch.__version__
+    return ("CPU (dry run)" if dry else "CPU"), torch.version.cuda, torch.__version__
+
+
+def choose_stages(text: str | None, skip: str, parser) -> list[Stage]:
+    names = [s.name for s in STAGES if s.default] if text is None else [n for n in text.split(",") if n]
+    names = ["preflight"] + [n for n in names if n != "preflight"]
+    unknown = [n for n in names + [n for n in skip.split(",") if n] if n not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; the stages are {[s.name for s in STAGES]}")
+    skipped = set(skip.split(","))
+    return [s for s in STAGES if s.name in names and s.name not in skipped]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="the results folder (default: records/<date>_<device>/)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "modded-nanogpt-moe-gpu-check"),
-                        help="shards, run folders and the shared inductor cache (not results)")
-    parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out, of {','.join(STAGES)}")
+                        help="shards, run folders, traces and the shared inductor cache (not results)")
+    parser.add_argument("--stages", help="comma-separated stages to run (default: the starred ones are left out)")
+    parser.add_argument("--skip", default="", help="comma-separated stages to leave out")
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU: check the check, not the GPU")
-    parser.add_argument("--budget_s", type=float, default=540, help="stop with a failure after this many seconds")
+    parser.add_argument("--budget_s", type=float, help="end the check after this many seconds (default: the sum "
+                        "of the stages' caps, 420 on a GPU)")
+    parser.add_argument("--plan", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
-    skip = {s for s in args.skip.split(",") if s}
-    if skip - set(STAGES):
-        parser.error(f"--skip {args.skip}: unknown stage(s) {sorted(skip - set(STAGES))}; the stages are {STAGES}")
+    stages = choose_stages(args.stages, args.skip, parser)
+    if args.budget_s is None:
+        args.budget_s = sum(s.cap_s[args.dry] for s in stages)
+    print(plan_text(stages, args.dry, args.budget_s), flush=True)
+    if args.plan:
+        return 0
     import torch
     if not args.dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; run it on a GPU machine, or with --dry to check the check on a CPU",
               file=sys.stderr)
         return 2
-    device, cuda_version = device_description(args.dry)
+    device, cuda_version, torch_version = device_description(args.dry)
     date = datetime.date.today().isoformat()
     if args.out is None:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", device.removeprefix("NVIDIA ")).strip("_")
         args.out = str(ROOT / "records" / f"{date}_{slug}")
-    check = Check(args)
-    check.summary.update(device=device, torch=torch.__version__, cuda=cuda_version, date=date,
+    check = Check(args, stages)
+    check.summary.update(device=device, torch=torch_version, cuda=cuda_version, date=date, budget_s=args.budget_s,
                          command=" ".join(["python", "gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
-    print(f"gpu_check: {device}, torch {torch.__version__}, CUDA {cuda_version}; results into {check.out}", flush=True)
-    failed = None
-    for name, stage in (("tests", stage_tests), ("bench", stage_bench), ("e2e", stage_e2e)):
-        if name in skip:
-            check.summary["stages"][name] = dict(status="skipped")
-            continue
-        t0 = time.monotonic()
-        try:
-            check.summary["figures"][name] = stage(check)
-            status = "ok"
-        except CheckFailed as e:
-            failed, status = str(e), "FAILED"
-        seconds = time.monotonic() - t0
-        check.summary["stages"][name] = dict(status=status, seconds=round(seconds, 1))
-        print(f"gpu_check: {name} {status} in {seconds:.0f} s", flush=True)
-        if failed:
-            break
-    check.summary["result"] = f"failed: {failed}" if failed else "all stages passed"
-    check.summary["files"] += ["README.md", "summary.json"]
-    (check.out / "summary.json").write_text(json.dumps(check.summary, indent=2))
-    (check.out / "README.md").write_text(summary_markdown(check.summary))
+    print(f"gpu_check: {device}, torch {torch_version}, CUDA {cuda_version}; results into {check.out}", flush=True)
+
+    def interrupted(signum, frame):  # end the running stage's processes, keep what was learned, leave
+        if check.current:
+            check.summary["stages"][check.current.name].update(status="interrupted",
+                                                              reason=f"{signal.Signals(signum).name} to gpu_check")
+        end_tree(check.tag)
+        check.summary["result"] = f"interrupted by {signal.Signals(signum).name}"
+        check.write_summary()
+        print(f"gpu_check: interrupted by {signal.Signals(signum).name}; results so far in {check.out}",
+              file=sys.stderr)
+        os._exit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupted)
+
+    check.write_summary()
+    for stage in stages:
+        check.run_stage(stage, RUNNERS[stage.name])
+    failed = [f"{n}: {st['reason']}" for n, st in check.summary["stages"].items() if st["status"] not in ("ok",)]
+    check.summary["result"] = ("failed: " + " | ".join(failed)) if failed else "all stages passed"
+    check.keep("README.md")
+    check.keep("summary.json")
+    check.write_summary()
     print(summary_markdown(check.summary))
     if failed:
-        print(f"gpu_check: FAILED: {failed}", file=sys.stderr)
+        print(f"gpu_check: FAILED: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -34,11 +34,22 @@ fi
 WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" train_gpt2.py --check_only ${args[@]+"${args[@]}"} >/dev/null
 # torchrun treats SIGTERM and SIGINT as fatal to itself and exits non-zero even when its workers stop
 # cleanly. So it runs in a session of its own (a terminal's Ctrl-C does not reach it) and this script hands
-# the signal to the workers, which agree, checkpoint at the next step boundary and exit 0.
-setsid torchrun "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py ${args[@]+"${args[@]}"} &
+# the signal to the workers, which agree, checkpoint at the next step boundary and exit 0. torchrun is
+# started as a module of $PYTHON, so it need not be on PATH.
+setsid "$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py \
+  ${args[@]+"${args[@]}"} &
 launcher=$!
-trap 'pkill -TERM -P "$launcher" || true' TERM
-trap 'pkill -INT -P "$launcher" || true' INT
+forward() {  # signal $1 to the launcher's children (the workers), found in /proc: no pkill (procps) needed
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    line=$(<"$stat") 2>/dev/null || continue
+    fields=(${line##*) })  # after "pid (command name)": state, ppid, ...
+    [[ ${fields[1]} == "$launcher" ]] && kill -"$1" "${stat//[!0-9]/}" 2>/dev/null
+  done
+  return 0
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 while true; do
   status=0
   wait "$launcher" || status=$?

@@ -68,7 +68,7 @@ class Hyperparameters:
     muon_lr: float = arg(0.02, "Muon lr of the matrices in the transformer blocks")
     muon_momentum: float = arg(0.95, "Muon (Nesterov) momentum")
     # evaluation
-    val_loss_every: int = arg(125, "validate every this many steps (0: only at the start and the end)")
+    val_loss_every: int = arg(125, "validate every this many steps and at the end (0: only at the end)")
     val_tokens: int = arg(10485760, "validation tokens, the same ones each time")
     # model
     vocab_size: int = arg(50304, "vocabulary size (GPT-2's 50257 padded to a multiple of 128)")

@@ -67,7 +67,7 @@ def test_peak_tflops_by_device_name():
                                           "--shared_expert_hidden", "256"]], ids=["seed", "E16-top3-shared"])
 def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path, shape):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--steps", "2", "--warmup", "1", "--no-health",
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--steps", "2", "--warmup", "1",
                              "--device_batch_size", "2", "--json", str(out), *shape],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,8 @@
-"""What only a GPU shows: the CUDA grouped GEMM in bf16, the compiled step with no host sync, DDP over NCCL.
+"""What only a GPU shows: the record's GPU settings, the CUDA grouped GEMM in bf16, the compiled step with no host
+sync, DDP over NCCL.
 
-Skipped without CUDA; `python gpu_check.py` runs them first on a GPU machine.
+Skipped without CUDA; `python gpu_check.py` runs them first on a GPU machine. Its plan counts this file's
+compiles (4: the grouped GEMM twice, the 2-layer model, Newton-Schulz): a test that compiles more changes it.
 """
 import os
 import socket
@@ -9,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from train_gpt2 import GPT, GPTConfig, Hyperparameters, MoE, balance_loss, expert_matmul, make_optimizers
+from train_gpt2 import (GPT, GPTConfig, Hyperparameters, balance_loss, expert_matmul, make_optimizers, setup_runtime,
+                        zeropower_via_newtonschulz5)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,55 +74,67 @@ def starve(model: GPT, expert: int = 3):
         block.mlp.router.bias[expert] = -10.0
 
 
-def test_moe_block_compiles_fullgraph_and_matches_eager_in_bf16():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    config = starved_moe(top_k=2, router_gate="prob")
-    moe = MoE(config).cuda()
-    torch.nn.init.normal_(moe.c_proj, std=0.02)
-    moe.router.bias[3] = -10.0
-    x = torch.randn(4, 256, C, device="cuda")
-    idx = torch.zeros(4, 256, dtype=torch.long, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, stats = torch.compile(moe, fullgraph=True)(x, idx)
-        y_eager, _ = moe(x, idx)
-    assert stats["load"][3] == 0
-    assert relative_error(y, y_eager) < 1e-2
-    y.float().square().mean().backward()
-    assert torch.count_nonzero(moe.c_fc.grad[3]) == 0 and torch.count_nonzero(moe.c_fc.grad[0]) > 0
-
-
-def test_compiled_moe_train_step_has_no_host_sync():
-    """Forward, backward and every optimizer step of the compiled MoE model, under sync debug mode 'error':
-    any device-to-host copy (.item(), nonzero, a data-dependent shape) raises."""
+def test_compiled_moe_train_step_matches_eager_and_has_no_host_sync():
+    """The 2-layer MoE model compiled with fullgraph (no graph break in the MoE block) agrees with eager in bf16,
+    gives an idle expert a zero gradient, and runs forward, backward and every optimizer step under sync debug
+    mode 'error': any device-to-host copy (.item(), nonzero, a data-dependent shape) raises."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     args = Hyperparameters(vocab_size=512, n_layer=2, n_embd=C, num_experts=4, top_k=1, aux_loss_coef=0.01)
     model = GPT(GPTConfig.from_args(args)).cuda()
     starve(model)
+    for block in model.transformer.h:
+        torch.nn.init.normal_(block.mlp.c_proj, std=0.02)
     optimizers = make_optimizers(model, args, torch.bfloat16)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randint(0, 512, (8, 256), device="cuda")
 
-    def step():
+    def step(run=compiled, optimize=True):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, stats = compiled(x, x)
+            loss, stats = run(x, x)
             loss = loss + args.aux_loss_coef * balance_loss(stats["load"], stats["prob"])
         loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return loss.detach()
+        if optimize:
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        return loss.detach(), stats
 
-    first = step()  # compilation (and the optimizers' lazy state) happen outside the check
+    eager_loss, _ = step(model, optimize=False)
+    model.zero_grad(set_to_none=True)
+    first, stats = step(optimize=False)  # compilation (and later the optimizers' lazy state) outside the check
+    assert relative_error(first, eager_loss) < 1e-2 and stats["load"][:, 3].sum() == 0
+    assert torch.count_nonzero(model.transformer.h[0].mlp.c_fc.grad[3]) == 0
+    assert torch.count_nonzero(model.transformer.h[0].mlp.c_fc.grad[0]) > 0
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            last = step()
+            last, _ = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(last) and last < first
+
+
+def test_the_records_gpu_settings():
+    """cuDNN attention with flash, memory-efficient and math disabled (recent torch tries flash first, so only
+    this runs cuDNN), coordinate-descent tuning, and Newton-Schulz compiled as the record compiles it."""
+    import torch._inductor.config as inductor_config
+    rt = setup_runtime(Hyperparameters())
+    assert rt.attention == "cudnn", rt.attention  # the probe ran cuDNN attention with nothing else enabled
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                or torch.backends.cuda.math_sdp_enabled())
+    assert rt.compile_model and inductor_config.coordinate_descent_tuning
+    model = GPT(GPTConfig(vocab_size=512, n_layer=1)).cuda()
+    muon = make_optimizers(model, Hyperparameters(), rt.dtype, compile_ns=rt.compile_model)[2]
+    assert muon.zeropower is not zeropower_via_newtonschulz5 and rt.dtype == torch.bfloat16
+    G = torch.randn(3072, 768, device="cuda")
+    compiled = muon.zeropower(G, steps=5, dtype=torch.bfloat16)
+    assert relative_error(compiled, zeropower_via_newtonschulz5(G, steps=5, dtype=torch.bfloat16)) < 1e-2
 
 
 def free_port() -> int:

@@ -64,3 +64,46 @@ def test_muon_split_across_two_ranks_equals_one_process(tmp_path):
     assert len(two_ranks) == len(one_process) == 5
     for a, b in zip(two_ranks, one_process):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_balance_by_cost_is_longest_first_to_the_least_loaded():
+    from train_gpt2 import balance_by_cost
+    # largest first: 5 -> rank 0; 4 -> 1; the first 3 -> 1 (4 < 5); the second 3 -> 0 (5 < 7); 1 -> 1 (7 < 8)
+    assert balance_by_cost([5, 1, 4, 3, 3], 2) == [0, 1, 1, 1, 0]
+    assert balance_by_cost([2, 2, 2], 1) == [0, 0, 0]
+    assert balance_by_cost([1, 1], 4) == [0, 1]
+
+
+FULL_SIZE = {  # E4 top-1 is the seed's MoE; the shared expert makes 8 Muon matrices per block
+    "dense": dict(),
+    "E4 top-1": dict(num_experts=4),
+    "E16 top-4 H768": dict(num_experts=16, top_k=4, expert_hidden=768),
+    "E4 top-1 + shared 3072": dict(num_experts=4, shared_expert_hidden=3072),
+}
+
+
+def test_muon_gives_each_of_8_ranks_about_the_same_newton_schulz_flops(capsys):
+    """At full size on 8 ranks: max / mean of the FLOPs each rank owns, round-robin (the record's rule) against
+    balanced by cost (ours). Round-robin lands every layer's expert stacks on the same ranks."""
+    from train_gpt2 import GPT, GPTConfig, Hyperparameters, make_optimizers, newton_schulz_flops
+    rows = []
+    for name, kw in FULL_SIZE.items():
+        args = Hyperparameters(**kw)
+        with torch.device("meta"):
+            model = GPT(GPTConfig.from_args(args))
+        muon = make_optimizers(model, args)[2]
+        owned_before, owned_after = [0] * 8, [0] * 8
+        for group in muon.param_groups:
+            for i, p in enumerate(group["params"]):
+                owned_before[i % 8] += newton_schulz_flops(p.shape)
+        balanced = type(muon)(muon.param_groups, rank=0, world_size=8)
+        for p in (p for group in balanced.param_groups for p in group["params"]):
+            owned_after[balanced.owner[id(p)]] += newton_schulz_flops(p.shape)
+        before, after = max(owned_before) / (sum(owned_before) / 8), max(owned_after) / (sum(owned_after) / 8)
+        rows.append((name, before, after))
+        assert after <= 1.10, (name, after)
+    with capsys.disabled():
+        print("\n| configuration (8 ranks) | max/mean owned, round-robin | balanced by cost |\n|---|---|---|")
+        for name, before, after in rows:
+            print(f"| {name} | {before:.2f} | {after:.3f} |")
+    assert max(before for _, before, _ in rows) > 1.5  # the record's rule is far off for some of them
