@@ -1,4 +1,5 @@
-"""data/cached_fineweb10B.py, its real code path (huggingface_hub) against a loopback stand-in for the Hub."""
+"""data/cached_fineweb.py (and the seed's data/cached_fineweb10B.py), their real code path (huggingface_hub)
+against a loopback stand-in for the Hub."""
 import os
 import subprocess
 import sys
@@ -30,11 +31,11 @@ def hub(tmp_path):
     hub.close()
 
 
-def download(hub, out_dir, *args):
+def download(hub, out_dir, *args, script="cached_fineweb10B.py"):
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(out_dir.parent / "hf_home"),
            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
     env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), *args, "--dir", str(out_dir)],
+    return subprocess.run([sys.executable, str(ROOT / "data" / script), *args, "--dir", str(out_dir)],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -87,4 +88,22 @@ def test_a_corrupt_download_is_removed_and_named(hub, tmp_path):
 
 def test_shard_count_out_of_range_is_refused(hub, tmp_path):
     result = download(hub, tmp_path / "d", "104")
-    assert result.returncode == 2 and "num_train_shards must lie in [0, 103], got 104" in result.stderr
+    assert result.returncode == 2 and "num_train_shards must lie in [0, 103] for fineweb10B, got 104" in result.stderr
+
+
+def test_finewebedu_by_its_flag_with_the_trainer_flags_that_read_it(tmp_path):
+    rng = np.random.default_rng(1)
+    names = ["finewebedu_val_000000.bin", "finewebedu_train_000001.bin"]
+    hub = FakeHub("kjj0/finewebedu10B-gpt2", {n: shard_bytes(tmp_path, n, rng.integers(0, 50257, size=2000))
+                                              for n in names})
+    try:
+        out = tmp_path / "edu"
+        result = download(hub, out, "--dataset", "finewebedu10B", "1", script="cached_fineweb.py")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert sorted(p.name for p in out.glob("*.bin")) == sorted(names)
+        assert all((out / n).read_bytes() == hub.files[n] for n in names)
+        assert f"--input_bin '{os.path.relpath(out)}/finewebedu_train_*.bin' --input_val_bin " in result.stdout
+    finally:
+        hub.close()
+    refused = download(hub, tmp_path / "big", "--dataset", "fineweb100B", "1031", script="cached_fineweb.py")
+    assert refused.returncode == 2 and "num_train_shards must lie in [0, 1030] for fineweb100B, got 1031" in refused.stderr
