@@ -19,7 +19,7 @@ Stages (in order; * = not run unless named in --stages):
   e2e_moe    ./run_moe.sh at full size on generated shards, compiled (the bench's kernels are in the cache):
              a validation, a SIGTERM that checkpoints, --resume latest to the end. Yields the val loss at the
              start and the end, step_avg and peak memory, and that preemption and resume work on the GPU.
-  e2e_dense  the same with ./run_dense.sh, eager (no compile): the dense launcher and its checkpoints.
+  e2e_dense* the same with ./run_dense.sh, eager (no compile): the dense launcher and its checkpoints.
   bench_b32* bench.py at device batch 32 (the seed's batch).
 Each stage's compiles are planned (printed at the start) and counted (from torch's structured trace), so a
 change that adds compiles shows in the summary and, under --dry, fails tests/test_gpu_check.py.
@@ -67,24 +67,23 @@ class Stage:
 
 
 STAGES = [
-    Stage("preflight", "imports, tools, CUDA, disk", "1 python", {}, (15, 30), [], estimate_s=5),
+    Stage("preflight", "imports, tools, CUDA, disk", "1 python", {}, (10, 30), [], estimate_s=5),
     Stage("tests", "pytest tests/test_cuda.py", "1 pytest", {
         "grouped GEMM fullgraph (one static, one dynamic shape)": (2, 0),
         "2-layer MoE model at full width, fullgraph": (1, 0),
         "Newton-Schulz as the trainer compiles it": (1, 0)},
-        (90, 60), ["torch", "pytest", "CUDA"], estimate_s=75),
+        (90, 60), ["torch", "pytest", "CUDA"], estimate_s=80),
     Stage("bench", "bench.py, device batch 64", "1 python", {
         "dense model (train graph)": (1, 1), "MoE model (train graph)": (1, 1),
         "Newton-Schulz: dense [C,C] static, [4C,C] and [C,4C] dynamic; MoE [E,4C,C], [E,C,4C], [E,C]": (6, 6)},
-        (180, 360), ["torch", "CUDA"], estimate_s=180),
+        (190, 360), ["torch", "CUDA"], estimate_s=190),
     Stage("e2e_moe", "./run_moe.sh: train, SIGTERM, --resume latest", "2 x (bash, torchrun, 1 worker)", {
         "part 1: eval graph (cold), train graph and 4 Newton-Schulz shapes (warm)": (6, 6),
         "part 2, the resume: the same 6, all warm": (6, 6)},
-        (100, 360), ["torch", "CUDA", "bash", "setsid", "disk"],
-        estimate_s=120),
+        (130, 360), ["torch", "CUDA", "bash", "setsid", "disk"], estimate_s=120),
     Stage("e2e_dense", "./run_dense.sh --no-compile: train, SIGTERM, --resume latest",
-          "2 x (bash, torchrun, 1 worker)", {}, (35, 120), ["torch", "CUDA", "bash", "setsid", "disk"],
-          estimate_s=35),
+          "2 x (bash, torchrun, 1 worker)", {}, (40, 120), ["torch", "CUDA", "bash", "setsid", "disk"],
+          default=False, estimate_s=35),
     Stage("bench_b32", "bench.py, device batch 32", "1 python", {
         "dense and MoE train graphs at batch 32 (cold), Newton-Schulz (warm)": (8, 8)},
         (120, 360), ["torch", "CUDA"], default=False, estimate_s=110),
@@ -258,8 +257,11 @@ class Check:
         missing = [n for n in stage.needs if n in self.summary["missing"]]
         if missing:
             entry.update(status="skipped", reason=f"missing {', '.join(missing)} (see preflight)")
+            print(f"gpu_check: {stage.name} skipped: {entry['reason']}", flush=True)
             return
         self.current, t0 = stage, time.monotonic()
+        trace = self.work / "trace" / stage.name
+        shutil.rmtree(trace, ignore_errors=True)  # a previous check's traces would count twice
         self.stage_deadline = self.deadline_for(stage)
         self.stage_limit_s = self.stage_deadline - t0
         entry.update(status="running")
@@ -269,9 +271,10 @@ class Check:
             entry["status"] = "ok"
         except CheckFailed as e:
             entry.update(status="FAILED", reason=str(e))
+        except Exception as e:  # a fault of the check itself: recorded, and the other stages still run
+            entry.update(status="FAILED", reason=f"{type(e).__name__}: {e}"[:300])
         finally:
             entry["seconds"] = round(time.monotonic() - t0, 1)
-            trace = self.work / "trace" / stage.name
             if trace.is_dir():
                 entry.update(count_compiles(trace))
             self.current = None
@@ -285,16 +288,26 @@ class Check:
 # the stages
 
 
+PROBE = """import importlib, json, sys
+found = {}
+for module in ("torch", "numpy", "pytest"):
+    try:
+        found[module] = importlib.import_module(module).__version__
+    except Exception:
+        pass
+found["CUDA"] = "torch" in found and sys.modules["torch"].cuda.is_available()
+print(json.dumps(found))"""
+
+
 def stage_preflight(check: Check) -> dict:
-    """Try every import and tool the stages need; a stage that needs a missing one is skipped, saying so."""
-    found, missing = {}, []
-    for module in ("torch", "numpy", "pytest"):
-        probe = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            found[module] = probe.stdout.strip()
-        else:
-            missing.append(module)
+    """Try every import and tool the stages need, in one process; a stage that needs a missing one is skipped,
+    saying so."""
+    probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    found = json.loads(probe.stdout) if probe.returncode == 0 else {}
+    missing = [m for m in ("torch", "numpy", "pytest") if m not in found]
+    if not check.dry and not found.pop("CUDA", False):
+        missing.append("CUDA")
+    found.pop("CUDA", None)
     for tool in ("bash", "setsid"):
         if shutil.which(tool):
             found[tool] = shutil.which(tool)
@@ -302,11 +315,6 @@ def stage_preflight(check: Check) -> dict:
             missing.append(tool)
     found["nvidia-smi"] = shutil.which("nvidia-smi") or "absent (the run logs say so; nothing needs it)"
     found["torchrun on PATH"] = shutil.which("torchrun") or "absent (not needed: run.sh runs $PYTHON -m torch.distributed.run)"
-    if not check.dry and "torch" in found:
-        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                               capture_output=True, text=True)
-        if probe.stdout.strip() != "True":
-            missing.append("CUDA")
     free_gb = shutil.disk_usage(check.work).free / 2 ** 30
     found["free disk under --work (GB)"] = round(free_gb, 1)
     if free_gb < (0.5 if check.dry else 10):  # two full-size MoE checkpoints of ~3 GB, caches, traces
