@@ -122,10 +122,11 @@ class Run:
 
     @property
     def config_key(self) -> str:
-        """What the run computes: the hyperparameters but run control, or for a foreign log its source."""
-        if self.hyper is not None:
-            return json.dumps({k: v for k, v in self.hyper.items() if k not in RUN_CONTROL}, sort_keys=True)
-        return "source:" + hashlib.sha1(self.source.encode()).hexdigest()
+        """What the run computes: its hyperparameters but run control, and the code that ran (the source the log
+        begins with), so that an edited script is another configuration even with the same flags."""
+        code = hashlib.sha1(self.source.encode()).hexdigest()[:8]
+        settings = {k: v for k, v in (self.hyper or {}).items() if k not in RUN_CONTROL}
+        return json.dumps({**settings, "code": code}, sort_keys=True)
 
 
 def parse_log(path: Path) -> Run:
@@ -266,7 +267,7 @@ def groups(runs: list[Run]) -> dict[str, list[Run]]:
         siblings = [k for k, m in by_key.items() if m[0].mode == mode]
         label = mode
         if len(siblings) > 1:
-            configs = [json.loads(k) if not k.startswith("source:") else {"source": k[7:15]} for k in siblings]
+            configs = [json.loads(k) for k in siblings]
             mine = configs[siblings.index(key)]
             differ = [name for name in set().union(*configs) if len({str(c.get(name)) for c in configs}) > 1]
             differ.sort(key=lambda name: (any(name not in c for c in configs), name))  # shared settings first
