@@ -14,6 +14,7 @@ as unfinished and left out of the --group statistics. The statistics come from s
 """
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,12 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt2 import ROUTERS, parse_peak_memory, parse_router_line, parse_step_line  # noqa: E402  (one log format)
+from train_gpt2 import (ROUTERS, Hyperparameters, parse_peak_memory, parse_router_line,  # noqa: E402  (one log format)
+                        parse_step_line)
 
 FENCE = "=" * 100
 # flags that do not change what a run computes: runs that differ only in these are one configuration
 RUN_CONTROL = {"seed", "resume", "log_dir", "save_every", "keep_checkpoints", "check_only", "wandb",
                "wandb_project", "compile", "input_bin", "input_val_bin"}
+
+
+DEFAULTS = dataclasses.asdict(Hyperparameters())
 
 
 class LogError(ValueError):
@@ -125,7 +130,9 @@ class Run:
         """What the run computes: its hyperparameters but run control, and the code that ran (the source the log
         begins with), so that an edited script is another configuration even with the same flags."""
         code = hashlib.sha1(self.source.encode()).hexdigest()[:8]
-        settings = {k: v for k, v in (self.hyper or {}).items() if k not in RUN_CONTROL}
+        # a field that an older log lacks is a flag added since, whose default keeps the old behaviour
+        settings = {**DEFAULTS, **self.hyper} if self.hyper is not None else {}
+        settings = {k: v for k, v in settings.items() if k not in RUN_CONTROL}
         return json.dumps({**settings, "code": code}, sort_keys=True)
 
 

@@ -239,3 +239,21 @@ def test_an_edited_script_is_another_configuration_even_with_the_same_flags(tmp_
     grouped = compare.groups(compare.load_runs([str(tmp_path)]))
     assert sorted(len(m) for m in grouped.values()) == [1, 2]
     assert all(label.startswith("dense (code=") for label in grouped)
+
+
+def test_a_field_an_older_log_lacks_counts_as_its_default(tmp_path):
+    """Old logs predate some flags; their runs differ from new ones in the code, not in a missing setting."""
+    old = our_log(tmp_path / "old.txt", [(0, 6.0, 0), (100, 3.1, 990)])
+    old.write_text(old.read_text().replace("print('source')", "print('older')"))
+    new = our_log(tmp_path / "new.txt", [(0, 6.0, 0), (100, 3.1, 990)],
+                  hyper=dict(batch_size=8, sequence_length=32, num_experts=1, num_iterations=100, mlp_output_scale=1.0,
+                             shared_expert_hidden=0))
+    assert "mlp_output_scale" not in compare.parse_log(old).hyper
+    labels = list(compare.groups(compare.load_runs([str(tmp_path)])))
+    assert len(labels) == 2 and all(label.startswith("dense (code=") and label.count("=") == 1 for label in labels), labels
+    other = our_log(tmp_path / "other.txt", [(0, 6.0, 0), (100, 3.1, 990)],
+                    hyper=dict(batch_size=8, sequence_length=32, num_experts=1, num_iterations=100, mlp_output_scale=1.0,
+                               muon_lr=0.03))
+    other.write_text(other.read_text().replace("print('source')", "print('older')"))
+    labels = list(compare.groups(compare.load_runs([str(tmp_path)])))
+    assert any("muon_lr=0.03" in label for label in labels), labels  # a real difference still shows
