@@ -20,6 +20,7 @@ import glob
 import itertools
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -1259,8 +1260,18 @@ def agree_at_step_end(train_loss: torch.Tensor, stop_asked: bool, rt: Runtime) -
     return train_loss / rt.world_size, stop_votes > 0
 
 
+def cpu_model() -> str:
+    """The host CPU's name, for the log: step times on a CPU depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
+
+
 def log_header(code: str) -> str:
-    """The log begins with the source, then the versions and nvidia-smi, each part fenced."""
+    """The log begins with the source, then the versions, the CPU and nvidia-smi, each part fenced."""
     fence = "=" * 100 + "\n"
     try:
         smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
@@ -1268,6 +1279,7 @@ def log_header(code: str) -> str:
         smi = "nvidia-smi: not available\n"
     return (fence + code + ("" if code.endswith("\n") else "\n") + fence
             + f"Running pytorch {torch.version.__version__} compiled for CUDA {torch.version.cuda}\n"
+            + f"python {platform.python_version()}, cpu: {cpu_model()}, {os.cpu_count()} cores\n"
             + f"nvidia-smi:\n{smi}\n" + fence)
 
 

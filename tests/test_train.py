@@ -1,8 +1,9 @@
 """End-to-end runs of train_gpt2.py under a real torchrun with 1 and 2 gloo processes on CPU."""
+import os
+import re
+
 import pytest
 import torch
-
-import re
 
 from conftest import (LN_TINY_VOCAB, ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses,
                       val_losses)
@@ -18,6 +19,8 @@ def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):
     # the log is the record: it begins with this script's source, fenced, then the environment
     source = (ROOT / "train_gpt2.py").read_text()
     assert log.read_text().startswith("=" * 100 + "\n" + source + "=" * 100 + "\nRunning pytorch ")
+    # and the machine: CPU step times are only comparable on the same CPU
+    assert re.search(rf"^python 3\.\d+\.\d+, cpu: .+, {os.cpu_count()} cores$", log.read_text(), flags=re.M)
     val = val_losses(lines)
     assert sorted(val) == [0, 20, 40, 60]
     assert abs(val[0] - LN_TINY_VOCAB) < 1e-3  # zero-initialised head
