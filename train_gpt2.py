@@ -1,15 +1,7 @@
 """
 modded-nanogpt-moe: the NanoGPT speedrun record of 2024-11-03 (10.8 min on 8xH100) in one file, with an
-optional top-k Mixture-of-Experts MLP whose experts each have the dense MLP's shape.
-
-Launch with torchrun (run_dense.sh does this for you); `python train_gpt2.py --help` lists every flag.
-Importing this file has no side effects, so the pieces (GPT, Muon, DistributedDataLoader, ...) can be
-used and tested on their own.
-
-Sections, in the order you would edit them: hyperparameters, Muon, the model (rotary, attention, MLP,
-routers, MoE, GPT), the data loader, training (the schedule, the optimizers, the loss, the step, the
-validation and the loop in main: what a speedrun tweak changes), then run control (log lines, checkpoints,
-signals, ranks and devices), which a tweak should not need to touch.
+optional Mixture-of-Experts MLP. Launch it with torchrun (./run_dense.sh, ./run_moe.sh); `--help` lists the
+flags. Importing it has no side effects. A speedrun tweak edits the sections before "Run control".
 """
 from __future__ import annotations
 
@@ -21,7 +13,6 @@ import itertools
 import math
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -39,95 +30,90 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
-# Hyperparameters: one dataclass; every field is also a command-line flag.
+# Hyperparameters: one dataclass; every field is a command-line flag, logged and checkpointed.
 
-
-def arg(default, help, choices=None):
-    """A Hyperparameters field whose help text is its comment. choices: a function returning {choice: what it
-    does}, read when the flags are parsed (the routers register themselves further down this file)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def router_kinds() -> dict[str, str]:
-    return {name: kind.summary for name, kind in ROUTERS.items()}
-
+def flag(default, help, minimum=None, choices=None, run_control=False):
+    """A Hyperparameters field. minimum: the least value allowed; choices: a function giving {choice: help};
+    run_control: how a run runs, not what it computes (records/compare.py groups runs by the other fields)."""
+    return field(default=default, metadata=dict(help=help, minimum=minimum, choices=choices, run_control=run_control))
 
 @dataclass
 class Hyperparameters:
     # data
-    input_bin: str = arg("data/fineweb10B/fineweb_train_*.bin", "glob of the training shards")
-    input_val_bin: str = arg("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards")
+    input_bin: str = flag("data/fineweb10B/fineweb_train_*.bin", "glob of the training shards", run_control=True)
+    input_val_bin: str = flag("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards", run_control=True)
     # optimization
-    batch_size: int = arg(8 * 64, "sequences per optimizer step, summed over all ranks")
-    device_batch_size: int = arg(64, "sequences per forward pass on one rank")
-    sequence_length: int = arg(1024, "tokens per sequence")
-    num_iterations: int = arg(4578, "optimizer steps")
-    warmup_iters: int = arg(0, "steps of linear lr warmup")
-    warmdown_iters: int = arg(1308, "final steps over which the lr decays linearly to zero")
-    embed_lr: float = arg(0.3, "Adam lr of the token embedding")
-    head_lr: float = arg(0.002, "Adam lr of the lm head")
-    muon_lr: float = arg(0.02, "Muon lr of the matrices in the transformer blocks")
-    muon_momentum: float = arg(0.95, "Muon (Nesterov) momentum")
+    batch_size: int = flag(8 * 64, "sequences per optimizer step, summed over all ranks", 1)
+    device_batch_size: int = flag(64, "sequences per forward pass on one rank", 1)
+    sequence_length: int = flag(1024, "tokens per sequence", 1)
+    num_iterations: int = flag(4578, "optimizer steps", 1)
+    warmup_iters: int = flag(0, "steps of linear lr warmup", 0)
+    warmdown_iters: int = flag(1308, "final steps over which the lr decays linearly to zero", 0)
+    embed_lr: float = flag(0.3, "Adam lr of the token embedding", 0)
+    head_lr: float = flag(0.002, "Adam lr of the lm head", 0)
+    muon_lr: float = flag(0.02, "Muon lr of the matrices in the transformer blocks", 0)
+    muon_momentum: float = flag(0.95, "Muon (Nesterov) momentum")
     # evaluation
-    val_loss_every: int = arg(125, "validate every this many steps and at the end (0: only at the end)")
-    val_tokens: int = arg(10485760, "validation tokens, the same ones each time")
+    val_loss_every: int = flag(125, "validate every this many steps and at the end (0: only at the end)", 0)
+    val_tokens: int = flag(10485760, "validation tokens, the same ones each time", 1)
     # model
-    vocab_size: int = arg(50304, "vocabulary size (GPT-2's 50257 padded to a multiple of 128)")
-    n_layer: int = arg(12, "transformer blocks")
-    n_head: int = arg(6, "attention heads")
-    n_embd: int = arg(768, "model width")
+    vocab_size: int = flag(50304, "vocabulary size (GPT-2's 50257 padded to a multiple of 128)", 1)
+    n_layer: int = flag(12, "transformer blocks", 1)
+    n_head: int = flag(6, "attention heads (head dim 128, suggested by @Grad62304977)", 1)
+    n_embd: int = flag(768, "model width", 1)
+    mlp_output_scale: float = flag(1.0, "a constant on every MLP branch's output (dense, routed and shared experts); "
+                                   "with Muon the same as scaling the out-projection's lr (tests/test_scale.py)")
     # mixture of experts (num_experts 1 is the dense MLP)
-    num_experts: int = arg(1, "experts per MLP (1: the dense model)")
-    top_k: int = arg(1, "experts per token")
-    expert_hidden: typing.Optional[int] = arg(
-        None, "hidden width of each routed expert, or of the dense MLP (default: 4 x n_embd, the record's MLP)")
-    shared_expert_hidden: int = arg(
-        0, "hidden width of a shared expert, a dense MLP every token passes through besides its routed experts "
-        "(0: none). Active MLP width per token: top_k x expert_hidden + shared_expert_hidden")
-    router: str = arg("learned", "how each token chooses its experts", choices=router_kinds)
-    router_gate: typing.Literal["renorm", "prob", "st"] = arg(
+    num_experts: int = flag(1, "experts per MLP (1: the dense model)", 1)
+    top_k: int = flag(1, "experts per token")
+    expert_hidden: typing.Optional[int] = flag(
+        None, "hidden width of each routed expert, or of the dense MLP (default: 4 x n_embd, the record's MLP)", 1)
+    shared_expert_hidden: int = flag(0, "hidden width of a shared expert, a dense MLP every token passes through "
+                                     "besides its routed experts (0: none)", 0)
+    router: str = flag("learned", "how each token chooses its experts",
+                       choices=lambda: {name: kind.summary for name, kind in ROUTERS.items()})
+    router_gate: typing.Literal["renorm", "prob", "st"] = flag(
         "renorm", "renorm: chosen probabilities renormalised to sum to 1 (1 for top-1); prob: the probabilities; "
         "st: renorm's value with prob's gradient (straight-through)")
-    null_expert_bias: float = arg(0.0, "b in the renorm gate p / (sum of chosen p + b)")
-    mlp_output_scale: float = arg(
-        1.0, "a constant multiplying every MLP branch's output (dense MLP, routed and shared experts). With Muon "
-        "and the zero-initialised out-projection it is the same as multiplying that projection's Muon lr by it "
-        "(tests/test_scale.py)")
-    aux_loss_coef: float = arg(0.0, "weight of the Switch balance loss, summed over layers (training only)")
-    balance_scope: typing.Literal["micro", "global"] = arg(
+    null_expert_bias: float = flag(0.0, "b in the renorm gate p / (sum of chosen p + b)", 0)
+    aux_loss_coef: float = flag(0.0, "weight of the Switch balance loss, summed over layers (training only)", 0)
+    balance_scope: typing.Literal["micro", "global"] = flag(
         "micro", "balance-loss load fractions per micro-batch, or gathered over all ranks and micro-batches")
-    router_z_loss_coef: float = arg(0.0, "weight of the router z-loss, mean logsumexp(logits)^2 (training only)")
-    router_bias_rate: float = arg(
-        0.0, "auxiliary-loss-free balancing: per-step move of the expert-selection biases (0: off)")
-    router_optimizer: typing.Literal["muon", "adam"] = arg("muon", "optimizer of the router weights")
-    router_lr: float = arg(0.02, "learning rate of the router weights")
+    router_z_loss_coef: float = flag(0.0, "weight of the router z-loss, mean logsumexp(logits)^2 (training only)", 0)
+    router_bias_rate: float = flag(
+        0.0, "auxiliary-loss-free balancing: per-step move of the expert-selection biases (0: off)", 0)
+    router_optimizer: typing.Literal["muon", "adam"] = flag("muon", "optimizer of the router weights")
+    router_lr: float = flag(0.02, "learning rate of the router weights", 0)
     # run control
-    save_every: int = arg(0, "checkpoint every this many steps (0: only at the end)")
-    keep_checkpoints: int = arg(0, "keep only the newest this many checkpoints of the run (0: keep all)")
-    resume: str = arg("", "continue from this checkpoint, or 'latest': the newest under --log_dir")
-    log_dir: str = arg("logs", "where run logs and checkpoints go")
-    seed: int = arg(-1, "random seed for the initialisation (-1: draw one; it is written in the log)")
-    dtype: typing.Literal["auto", "bfloat16", "float32"] = arg(
+    save_every: int = flag(0, "checkpoint every this many steps (0: only at the end)", 0, run_control=True)
+    keep_checkpoints: int = flag(0, "keep the newest this many checkpoints of the run (0: all)", 0, run_control=True)
+    resume: str = flag("", "continue from this checkpoint, or 'latest': the newest under --log_dir", run_control=True)
+    log_dir: str = flag("logs", "where run logs and checkpoints go", run_control=True)
+    seed: int = flag(-1, "random seed of the initialisation (-1: draw one, written in the log)", run_control=True)
+    dtype: typing.Literal["auto", "bfloat16", "float32"] = flag(
         "auto", "compute precision: bf16 autocast and Newton-Schulz (auto: bfloat16 on CUDA, float32 on CPU)")
-    compile: typing.Optional[bool] = arg(
-        None, "torch.compile the model and Newton-Schulz (default: on with CUDA, off on CPU)")
-    check_only: bool = arg(False, "check the flags, the data and the checkpoint, then exit without training")
-    wandb: bool = arg(False, "also send the metrics to Weights & Biases (needs the wandb package)")
-    wandb_project: str = arg("modded-nanogpt-moe", "Weights & Biases project")
+    compile: typing.Optional[bool] = flag(None, "torch.compile the model and Newton-Schulz (default: with CUDA)",
+                                          run_control=True)
+    check_only: bool = flag(False, "check the flags, the data and the checkpoint, then exit", run_control=True)
+    wandb: bool = flag(False, "also send the metrics to Weights & Biases (needs the wandb package)", run_control=True)
+    wandb_project: str = flag("modded-nanogpt-moe", "Weights & Biases project", run_control=True)
 
+    @property
+    def mlp_hidden(self) -> int:
+        """The hidden width of each routed expert, or of the dense MLP."""
+        return self.expert_hidden or 4 * self.n_embd
 
 class ConfigError(ValueError):
     """Bad flags or inputs; the message is one line that names the culprit and the fix."""
 
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train GPT-2 small (optionally with a Mixture-of-Experts MLP) on FineWeb; "
-        "the defaults reproduce the 2024-11-03 speedrun record.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Train GPT-2 small, optionally with a Mixture-of-Experts MLP; the "
+                                     "defaults are the 2024-11-03 speedrun record.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(Hyperparameters)
     for f in fields(Hyperparameters):
         hint, kwargs = hints[f.name], dict(default=f.default, help=f.metadata["help"])
+        hint = int if hint == typing.Optional[int] else hint  # None: derived from other flags
         if f.metadata["choices"]:
             choices = f.metadata["choices"]()
             kwargs.update(choices=list(choices), type=str,
@@ -136,28 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(choices=typing.get_args(hint), type=str)
         elif hint in (bool, typing.Optional[bool]):
             kwargs.update(action=argparse.BooleanOptionalAction)
-        elif typing.get_origin(hint) is typing.Union:  # Optional[int]: None means "derived from other flags"
-            kwargs.update(type=typing.get_args(hint)[0], metavar=typing.get_args(hint)[0].__name__.upper())
         else:
             kwargs.update(type=hint, metavar=hint.__name__.upper())
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
-
 def parse_args(argv=None) -> Hyperparameters:
     return Hyperparameters(**vars(build_parser().parse_args(argv)))
 
-
 def check_args(args: Hyperparameters, world_size: int) -> None:
     """Reject flags that cannot work, before any work starts."""
-    for name in ["batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens",
-                 "vocab_size", "n_layer", "n_head", "n_embd"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["warmup_iters", "warmdown_iters", "val_loss_every", "save_every", "keep_checkpoints", "embed_lr",
-                 "head_lr", "muon_lr", "aux_loss_coef", "router_z_loss_coef", "router_bias_rate", "router_lr"]:
-        if not getattr(args, name) >= 0:  # also rejects nan
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for f in fields(args):
+        value, minimum = getattr(args, f.name), f.metadata["minimum"]
+        if minimum is not None and value is not None and not value >= minimum:  # also rejects nan
+            raise ConfigError(f"--{f.name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
     if args.warmup_iters + args.warmdown_iters > args.num_iterations:
         raise ConfigError(f"--warmup_iters {args.warmup_iters} + --warmdown_iters {args.warmdown_iters} exceed "
                           f"--num_iterations {args.num_iterations}; lower them or train longer")
@@ -175,21 +153,15 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
     if args.vocab_size > 65536:
         raise ConfigError(f"--vocab_size {args.vocab_size} does not fit the shards' uint16 tokens (max 65536)")
-    if args.num_experts < 1:
-        raise ConfigError(f"--num_experts must be >= 1, got {args.num_experts}")
+    if not math.isfinite(args.mlp_output_scale) or args.mlp_output_scale <= 0:
+        raise ConfigError(f"--mlp_output_scale must be positive and finite, got {args.mlp_output_scale}")
     if not 1 <= args.top_k <= args.num_experts:
         raise ConfigError(f"--top_k {args.top_k} must lie in [1, --num_experts {args.num_experts}]")
-    if args.expert_hidden is not None and args.expert_hidden <= 0:
-        raise ConfigError(f"--expert_hidden must be positive, got {args.expert_hidden} (omit it for 4 x n_embd)")
-    if args.shared_expert_hidden < 0:
-        raise ConfigError(f"--shared_expert_hidden must be >= 0 (0: no shared expert), got {args.shared_expert_hidden}")
     if args.shared_expert_hidden and args.num_experts == 1:
         raise ConfigError("--shared_expert_hidden needs --num_experts 2 or more; for a wider dense MLP use "
                           "--expert_hidden")
-    if not (args.mlp_output_scale > 0 and math.isfinite(args.mlp_output_scale)):
-        raise ConfigError(f"--mlp_output_scale must be positive and finite, got {args.mlp_output_scale}")
-    if args.null_expert_bias < 0 or (args.null_expert_bias and args.router_gate != "renorm"):
-        raise ConfigError(f"--null_expert_bias {args.null_expert_bias}: needs a value >= 0 and --router_gate renorm")
+    if args.null_expert_bias and args.router_gate != "renorm":
+        raise ConfigError(f"--null_expert_bias {args.null_expert_bias} needs --router_gate renorm")
     if args.num_experts > 1:
         ROUTERS[args.router].check_args(args)
     if args.wandb:
@@ -201,14 +173,11 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
 # -----------------------------------------------------------------------------
 # Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al.)
 
-
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately orthogonalise G, or each matrix of a stack G[..., rows, cols], on its own.
-
-    A quintic Newton-Schulz iteration whose coefficients maximise the slope at zero: the result is not
-    exactly U V^T but U S' V^T with S' roughly uniform in [0.7, 1.2], which does not hurt training.
-    """
+    """Approximately orthogonalise G, or each matrix of a stack G[..., rows, cols]: a quintic Newton-Schulz
+    iteration whose coefficients maximise the slope at zero, so the result is not exactly U V^T but U S' V^T
+    with S' roughly uniform in [0.7, 1.2], which does not hurt training."""
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
@@ -223,14 +192,12 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
         X = X.mT
     return X
 
-
 def newton_schulz_flops(shape: torch.Size | tuple, steps: int = 5) -> int:
     """The FLOPs of zeropower_via_newtonschulz5 on a tensor of this shape: per iteration and matrix, X X^T and
     B X cost 2 m^2 n each and A A 2 m^3, with m <= n the matrix's sides."""
     *stack, rows, cols = shape
     m, n = min(rows, cols), max(rows, cols)
     return math.prod(stack) * steps * (4 * m * m * n + 2 * m ** 3)
-
 
 def balance_by_cost(costs: list[int], world_size: int) -> list[int]:
     """The rank that owns each item: largest cost first, each to the least-loaded rank so far (ties: the lowest
@@ -241,16 +208,11 @@ def balance_by_cost(costs: list[int], world_size: int) -> list[int]:
         load[owner[i]] += costs[i]
     return owner
 
-
 class Muon(torch.optim.Optimizer):
-    """Muon: SGD-momentum whose update is orthogonalised by Newton-Schulz, for 2-D (or stacked 3-D) weights.
-
-    Distributed as in the record, but balanced by cost: each matrix is orthogonalised on one rank, the updates
-    are summed across ranks in one flat buffer per group, and every rank applies all of them. The record
-    handed matrix i to rank i % world_size, which with expert stacks or a shared expert gives some ranks
-    several times the work of others; here each rank owns about the same Newton-Schulz FLOPs. For a stack of
-    experts [E, rows, cols] the iteration, its normalisation and the scale are per expert.
-    """
+    """Muon: SGD-momentum whose update is orthogonalised by Newton-Schulz, for 2-D (or stacked 3-D) weights; for
+    a stack of experts [E, rows, cols] the iteration, its normalisation and the scale are per expert. Each matrix
+    is orthogonalised on one rank, chosen by Newton-Schulz cost (not i % world_size, which gives some ranks
+    several expert stacks), the updates are summed across ranks in one flat buffer, every rank applies them."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
                  zeropower=None, rank=None, world_size=None):
@@ -259,7 +221,7 @@ class Muon(torch.optim.Optimizer):
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         self.ns_dtype = ns_dtype
-        self.zeropower = zeropower or zeropower_via_newtonschulz5  # make_optimizers compiles it on GPUs, as the record
+        self.zeropower = zeropower or zeropower_via_newtonschulz5  # compiled on GPUs (make_optimizers)
         every = [p for group in self.param_groups for p in group["params"]]
         owners = balance_by_cost([newton_schulz_flops(p.shape, ns_steps) for p in every], self.world_size)
         self.owner = {id(p): r for p, r in zip(every, owners)}
@@ -320,7 +282,6 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # Model: rotary embedding, attention, MLP, routers, MoE, GPT
 
-
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al.), half-split layout: channel i pairs with i + head_dim/2."""
 
@@ -334,16 +295,14 @@ class Rotary(nn.Module):
         freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
-
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     d = x.size(3) // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], 3)
 
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
@@ -365,37 +324,30 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view_as(x))
 
+def activation(h: torch.Tensor) -> torch.Tensor:
+    """The MLP's and every expert's nonlinearity: ReLU^2 (So et al. 2021), ~1-2% better than GELU here;
+    suggested by @SKYLINEZ007 and @Grad62304977."""
+    return F.relu(h).square()
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, hidden: int | None = None):
+    def __init__(self, config: Hyperparameters, hidden: int | None = None):
         super().__init__()
-        hidden = hidden or config.expert_width
+        hidden = hidden or config.mlp_hidden
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
         self.c_proj.weight.data.zero_()  # zero init suggested by @Grad62304977
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ReLU^2 (So et al. 2021): ~1-2% better than GELU; suggested by @SKYLINEZ007 and @Grad62304977
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(activation(self.c_fc(x)))
 
-
-# Routers. A router takes the tokens and returns, for each, its top_k experts, the gates that weight their
-# outputs, and statistics. A new router is one subclass, registered under its --router name:
-#
-#     @register_router("mine")
-#     class MyRouter(Router):
-#         summary = "what it does, for --help"
-#         def forward(self, x, idx): ...
-#
-# Nothing else in this file names a router kind: the flags a kind does not take are refused by
-# Router.check_args, its parameters (if any) go to the router optimizer, and the log reports what its
-# statistics hold.
+# Routers. A new one is a Router subclass under @register_router("name") (its --router choice) with a summary
+# for --help and a forward(x, idx); nothing else names a router kind. Router.check_args refuses the flags it
+# does not take, its parameters (if any) go to the router optimizer, and the log reports its statistics.
 
 ROUTERS: dict[str, type[Router]] = {}
 # the flags that only some routers use; a router lists in `takes` those it does
 ROUTER_FLAGS = ["router_gate", "null_expert_bias", "aux_loss_coef", "balance_scope", "router_z_loss_coef",
                 "router_bias_rate"]
-
 
 def register_router(name: str):
     """Class decorator: make a Router subclass the --router choice `name`."""
@@ -405,19 +357,16 @@ def register_router(name: str):
         return kind
     return register
 
-
 class Router(nn.Module):
-    """The interface: forward(x [N, C], idx [N] token ids) -> (experts [N, top_k] int64, gates [N, top_k]
-    float32, stats). stats holds what the router can tell, each a scalar or an [E] tensor: `prob`, the mean
-    router probability of each expert (the balance loss needs it); `z`, the mean squared logsumexp of the
-    logits (the z-loss); `entropy`, the router entropy over ln E (logged). A router without probabilities
-    returns none of them."""
+    """forward(x [N, C], idx [N] token ids) -> (experts [N, top_k] int64, gates [N, top_k] float32, stats), stats
+    what the router can tell: `prob` [E], each expert's mean probability (for the balance loss); `z`, the mean
+    squared logsumexp of the logits (the z-loss); `entropy` over ln E (logged). None without probabilities."""
     name = ""
     summary = ""  # one line for --help
     max_top_k: int | None = None  # how many experts a token can go to (None: any)
     takes: frozenset[str] = frozenset()  # which of ROUTER_FLAGS it uses
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.top_k
 
@@ -428,16 +377,15 @@ class Router(nn.Module):
             raise ConfigError(f"--router {cls.name} sends each token to {cls.max_top_k} expert(s); use --top_k "
                               f"{cls.max_top_k}, not {args.top_k}")
         defaults = Hyperparameters()
-        for flag in ROUTER_FLAGS:
-            if flag not in cls.takes and getattr(args, flag) != getattr(defaults, flag):
-                users = [name for name, kind in ROUTERS.items() if flag in kind.takes]
-                raise ConfigError(f"--router {cls.name} does not use --{flag} (got {getattr(args, flag)}); leave it at "
-                                  f"{getattr(defaults, flag)}, or use a router that does: {', '.join(users) or 'none'}")
+        for option in ROUTER_FLAGS:
+            if option not in cls.takes and getattr(args, option) != getattr(defaults, option):
+                users = [name for name, kind in ROUTERS.items() if option in kind.takes]
+                raise ConfigError(f"--router {cls.name} does not use --{option} (got {getattr(args, option)}); leave it "
+                                  f"at {getattr(defaults, option)}, or use a router that does: {', '.join(users) or 'none'}")
 
     def update_bias(self, load: torch.Tensor, rate: float):
         """Auxiliary-loss-free balancing after each step (only routers that take --router_bias_rate)."""
         raise NotImplementedError
-
 
 @register_router("learned")
 class LearnedRouter(Router):
@@ -447,7 +395,7 @@ class LearnedRouter(Router):
     summary = "a linear router (softmax, top-k)"
     takes = frozenset(ROUTER_FLAGS)
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__(config)
         self.gate_kind, self.null_expert_bias = config.router_gate, config.null_expert_bias
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.n_embd))
@@ -480,7 +428,6 @@ class LearnedRouter(Router):
         z = logits.logsumexp(dim=-1).square().mean()
         return experts, gates, dict(prob=probs.mean(0), entropy=entropy, z=z)
 
-
 @register_router("hash")
 class HashRouter(Router):
     """Token id mod num_experts, gate 1, no parameters (Roller et al. 2021)."""
@@ -491,10 +438,8 @@ class HashRouter(Router):
         experts = (idx % self.num_experts).unsqueeze(1)
         return experts, torch.ones(experts.shape, device=x.device), {}
 
-
 # grouped GEMM: one kernel for all experts over their contiguous runs of rows (CUTLASS on sm90 in bf16)
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows offs[g-1]:offs[g] of x [N, in] times weight[g].T, for stacked weights [E, out, in]."""
@@ -507,20 +452,16 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> 
     group = torch.searchsorted(offs, rows, right=True).unsqueeze(1)
     return sum((group == g) * (x @ weight[g].mT) for g in range(weight.size(0)))
 
-
 class MoE(nn.Module):
-    """num_experts MLPs of hidden width expert_width, top_k per token, dropless, one grouped GEMM per
-    projection; and optionally a shared expert, a dense MLP that every token passes through.
+    """num_experts MLPs of hidden width mlp_hidden, top_k per token, dropless; optionally a shared expert, a dense
+    MLP that every token passes through. Tokens are sorted by expert (stable), counted per expert on the device,
+    multiplied by one grouped GEMM per projection, scattered back and gated. No value is read back to the host,
+    so the block compiles with fullgraph=True and every expert is in every step's graph (DDP needs no
+    find_unused_parameters; an expert that saw no token gets a zero gradient)."""
 
-    Tokens are ordered by a stable sort of their expert id, counted per expert on the device, multiplied by
-    their experts' weights in one grouped GEMM per projection, then scattered back through the inverse
-    permutation and weighted by the gate. Nothing here reads a value back to the host, so the block compiles
-    with fullgraph=True, and every expert is in every step's graph (a zero gradient if it saw no token).
-    """
-
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__()
-        E, C, H = config.num_experts, config.n_embd, config.expert_width
+        E, C, H = config.num_experts, config.n_embd, config.mlp_hidden
         self.num_experts, self.top_k = E, config.top_k
         self.router = ROUTERS[config.router](config)
         # stacked [E, out, in] like nn.Linear weights, each expert initialised like a dense MLP of its shape
@@ -539,16 +480,15 @@ class MoE(nn.Module):
         offs = load.cumsum(0).to(torch.int32)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h = expert_matmul(x[order // self.top_k].to(dtype), self.c_fc.to(dtype), offs)
-        h = expert_matmul(F.relu(h).square(), self.c_proj.to(dtype), offs)
+        h = expert_matmul(activation(h), self.c_proj.to(dtype), offs)
         y = torch.index_copy(torch.empty_like(h), 0, order, h)  # back to token order
         y = (y.view(B * T, self.top_k, C) * gates.unsqueeze(-1).to(dtype)).sum(1)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
         return y.view(B, T, C), dict(load=load.float(), gate=gates.mean(), **stats)
 
-
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__()
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config) if config.num_experts == 1 else MoE(config)
@@ -562,34 +502,8 @@ class Block(nn.Module):
             y = self.mlp_output_scale * y
         return x + y, stats
 
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 6  # head dim 128 suggested by @Grad62304977
-    n_embd: int = 768
-    num_experts: int = 1
-    top_k: int = 1
-    router: str = "learned"
-    router_gate: str = "renorm"
-    null_expert_bias: float = 0.0
-    expert_hidden: int | None = None  # None: 4 x n_embd
-    shared_expert_hidden: int = 0
-    mlp_output_scale: float = 1.0
-
-    @property
-    def expert_width(self) -> int:
-        """The hidden width of each routed expert (of the MLP, for the dense model)."""
-        return self.expert_hidden or 4 * self.n_embd
-
-    @classmethod
-    def from_args(cls, args: Hyperparameters) -> GPTConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Hyperparameters):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
@@ -614,13 +528,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return loss, {k: torch.stack([s[k] for s in layer_stats]) for k in (layer_stats[0] if layer_stats else {})}
 
-
 def balance_loss(load: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i P_i, summed over layers: f_i is the fraction of
     assignments routed to expert i (no gradient), P_i its mean router probability. 1 per layer when uniform."""
     fraction = load / load.sum(dim=-1, keepdim=True)
     return load.size(-1) * (fraction * prob).sum()
-
 
 # -----------------------------------------------------------------------------
 # Data loader: shards of uint16 GPT-2 tokens behind a 256-word int32 header
@@ -628,10 +540,8 @@ def balance_loss(load: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 DOWNLOAD_HINT = "python data/cached_fineweb10B.py"
 
-
 class ShardError(ValueError):
     """A shard that is missing or malformed; the message names the file and the fix."""
-
 
 def read_shard_header(path: str) -> int:
     """Check a shard's header against its size; return its token count."""
@@ -652,30 +562,14 @@ def read_shard_header(path: str) -> int:
                          f"but the file has {size} bytes; delete it and download it again")
     return num_tokens
 
-
 def load_shard(path: str) -> np.ndarray:
     num_tokens = read_shard_header(path)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(num_tokens,))
 
-
-def write_shard(path: str, tokens) -> None:
-    """Write tokens (ints < 65536) as a shard, atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
-        raise ValueError("shard tokens must lie in [0, 65536)")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
-
-
 class DistributedDataLoader:
     """Reads [B, T] batches from sorted shards: rank r takes B*T+1 tokens at offset r*B*T of each global
     chunk of B*T*world tokens. All ranks move to the next shard (cyclically) together, when the next global
-    chunk would not fit; the record's loader let ranks with high offsets advance one chunk early."""
+    chunk would not fit."""
 
     def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int, num_processes: int,
                  device: str | torch.device = "cpu"):
@@ -708,39 +602,33 @@ class DistributedDataLoader:
         self.current_shard, self.current_position = state["shard"], state["position"]
         self.tokens = load_shard(self.files[self.current_shard])
 
-    def advance(self):
-        self.load_state_dict(dict(shard=(self.current_shard + 1) % len(self.files), position=0))
-
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.current_position + self.rank * self.B * self.T
         buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
         self.current_position += self.chunk
         if self.current_position + self.chunk + 1 > len(self.tokens):
-            self.advance()
+            self.load_state_dict(dict(shard=(self.current_shard + 1) % len(self.files), position=0))
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 # -----------------------------------------------------------------------------
-# Training: the schedule, the optimizers, the loss, one step, the validation and the loop. A speedrun tweak
-# edits this section.
-
+# Training: the schedule, the optimizers, the loss, one step, the validation and the loop
 
 def get_lr(step: int, args: Hyperparameters) -> float:
     """The learning-rate multiplier of every optimizer at this step: no warmup by default, constant, then a
-    linear warmdown to zero (the record's schedule)."""
+    linear warmdown to zero."""
     if step < args.warmup_iters:
         return (step + 1) / args.warmup_iters
     if step < args.num_iterations - args.warmdown_iters or not args.warmdown_iters:
         return 1.0
     return (args.num_iterations - step) / args.warmdown_iters
 
-
 def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype = torch.bfloat16,
                     compile_ns: bool = False) -> list[torch.optim.Optimizer]:
-    """Adam for the embedding and the head, Muon for the blocks' matrices (Newton-Schulz compiled as the record
-    does, with compile_ns); the routers (a group of their own) in Muon or Adam as --router_optimizer says. Each
-    group keeps its base lr as "initial_lr"; train_step scales it by get_lr."""
+    """Adam for the embedding and the head, Muon for the blocks' matrices (Newton-Schulz compiled with
+    compile_ns); the routers (a group of their own) in Muon or Adam as --router_optimizer says. Each group
+    keeps its base lr as "initial_lr"; train_step scales it by get_lr."""
     fused = dict(fused=True) if model.lm_head.weight.is_cuda else {}
     routers = [p for name, p in model.transformer.h.named_parameters() if ".router." in name]
     matrices = [p for name, p in model.transformer.h.named_parameters() if ".router." not in name]
@@ -758,7 +646,6 @@ def make_optimizers(model: GPT, args: Hyperparameters, ns_dtype: torch.dtype = t
         group["initial_lr"] = group["lr"]
     return optimizers
 
-
 def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None,
               args: Hyperparameters) -> torch.Tensor:
     """The training loss: cross-entropy plus the router's auxiliary losses (check_args has refused any that the
@@ -769,7 +656,6 @@ def objective(loss: torch.Tensor, stats: dict, balance_load: torch.Tensor | None
         loss = loss + args.router_z_loss_coef * stats["z"].sum()
     return loss
 
-
 @dataclass
 class TrainState:
     """What a checkpoint restores besides the step: the model, its optimizers, the loader's place, the clock."""
@@ -778,12 +664,11 @@ class TrainState:
     train_loader: DistributedDataLoader
     clock: TrainClock
 
-
-def train_step(step: int, wrapped_model: nn.Module, state: TrainState, args: Hyperparameters,
+def train_step(wrapped_model: nn.Module, state: TrainState, lr_mult: float, args: Hyperparameters,
                rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimizer step `step` over the batch's micro-batches, run by wrapped_model (compiled and, on several ranks,
-    DDP-wrapped). Returns this rank's mean train loss (on the device) and the tokens it routed to each layer's
-    experts [L, E]."""
+    """One optimizer step over the batch's micro-batches, run by wrapped_model (compiled and, on several ranks,
+    DDP-wrapped), at lr_mult x each group's lr. Returns this rank's mean train loss (on the device) and the
+    tokens it routed to each layer's experts [L, E]."""
     wrapped_model.train()
     accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
     moe = args.num_experts > 1
@@ -791,8 +676,7 @@ def train_step(step: int, wrapped_model: nn.Module, state: TrainState, args: Hyp
     step_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # this rank's routed tokens
     global_step_load = torch.zeros_like(step_load)  # all ranks' so far (global balance scope)
     for micro_step in range(accumulation):
-        # record quirk fixed: no_sync must wrap the forward too, not only backward()
-        syncing = rt.world_size == 1 or micro_step == accumulation - 1
+        syncing = rt.world_size == 1 or micro_step == accumulation - 1  # no_sync wraps forward and backward
         x, y = state.train_loader.next_batch()  # a pinned, non-blocking copy: it overlaps the GPU's work
         with contextlib.nullcontext() if syncing else wrapped_model.no_sync():
             with rt.autocast():
@@ -807,10 +691,9 @@ def train_step(step: int, wrapped_model: nn.Module, state: TrainState, args: Hyp
                 balance_load = global_step_load
             (objective(loss, stats, balance_load, args) / accumulation).backward()
         train_loss += loss.detach()
-    lr_multiplier = get_lr(step, args)
     for opt in state.optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier
+            group["lr"] = group["initial_lr"] * lr_mult
         opt.step()
     state.model.zero_grad(set_to_none=True)
     if moe and args.router_bias_rate:
@@ -820,14 +703,10 @@ def train_step(step: int, wrapped_model: nn.Module, state: TrainState, args: Hyp
             block.mlp.router.update_bias(load, args.router_bias_rate)
     return train_loss / accumulation, step_load
 
-
-REPORTED_STATS = {"load": "sum", "gate": "mean", "entropy": "mean"}  # the MoE statistics a validation logs
-
-
 def evaluate(wrapped_model: nn.Module, val_loader: DistributedDataLoader, args: Hyperparameters,
              rt: Runtime) -> tuple[float, dict]:
-    """The mean validation loss over --val_tokens (the same tokens each time, all ranks), and the MoE's
-    validation statistics of REPORTED_STATS that the router gives: load [L, E] summed, the others [L] averaged."""
+    """The mean validation loss over --val_tokens (the same tokens each time, all ranks), and the MoE statistics
+    that the router gives: load [L, E] summed, gate and entropy [L] averaged."""
     wrapped_model.eval()
     val_loader.reset()
     val_steps = args.val_tokens // (args.device_batch_size * args.sequence_length * rt.world_size)
@@ -838,178 +717,41 @@ def evaluate(wrapped_model: nn.Module, val_loader: DistributedDataLoader, args: 
             with rt.autocast():
                 loss, stats = wrapped_model(x_val, y_val)
             val_loss += loss
-            for name in REPORTED_STATS.keys() & stats.keys():
+            for name in [n for n in ("entropy", "gate", "load") if n in stats]:  # one order on every rank
                 totals[name] = totals.get(name, 0) + stats[name]
     count = val_steps * rt.world_size
     return rt.all_reduce_sum(val_loss).item() / count, {
-        name: rt.all_reduce_sum(total) / (count if REPORTED_STATS[name] == "mean" else 1)
-        for name, total in sorted(totals.items())}
+        name: rt.all_reduce_sum(total) / (1 if name == "load" else count) for name, total in totals.items()}
 
-
-def validation_due(step: int, args: Hyperparameters) -> bool:
-    return step == args.num_iterations or (args.val_loss_every > 0 and step % args.val_loss_every == 0)
-
-
-def checkpoint_due(step: int, start_step: int, args: Hyperparameters) -> bool:
-    """At the end and every --save_every steps, never at the step a session started from."""
-    return step > start_step and (step == args.num_iterations or (args.save_every > 0 and step % args.save_every == 0))
-
-
-def main(argv=None) -> int:
-    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
-    args = parse_args(argv)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    try:
-        check_args(args, world_size)
-        check_inputs(args, world_size)
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check_only:
-        if rank == 0:
-            print(f"ok: the flags and data check out for {world_size} rank(s)")
-        return 0
-
-    # setup: ranks, device, seed, the log
-    rt = setup_runtime(args)
-    resume_path = resolve_checkpoint(args.resume, args.log_dir) if args.resume else None
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    seed = agree_on_seed(args.seed, rt)
-    torch.manual_seed(seed)
-    code = open(os.path.abspath(__file__)).read()
-    log = RunLog(args, checkpoint["run_id"] if checkpoint else str(uuid.uuid4()), code, rt.master)
-    if checkpoint:
-        log_resume(log, args, checkpoint, resume_path, code)
-    log_setup(log, args, rt, seed)
-
-    # build: data, model, optimizers; then a checkpoint's state over them
-    accumulation = args.batch_size // (args.device_batch_size * rt.world_size)
-    # the train loader starts at the beginning (record quirk fixed: the record fetched a batch before
-    # resetting the loader, so it trained on the first batch twice)
-    train_loader, val_loader = open_loaders(args, rt, accumulation, log)
-    model = GPT(GPTConfig.from_args(args)).to(rt.device)
-    optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
-    state = TrainState(model, optimizers, train_loader, TrainClock(sync=rt.sync))
-    start_step = restore(state, checkpoint, rt) if checkpoint else 0
-    del checkpoint
-    wrapped_model = wrap_model(model, rt)
-    moe, clock, N = args.num_experts > 1, state.clock, args.num_iterations
-    train_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # routed tokens since the last val
-    stop_signals = catch_stop_signals()
-
-    # the loop: validate, checkpoint, train, log. The clock leaves out the first 10 steps of a session
-    # (compilation), validation and checkpoints.
-    warmup_end, last_checkpoint, stopped_by, exit_code = start_step + 10, resume_path, None, 0
-    for step in range(start_step, N + 1):
-        timing = step >= warmup_end
-        if step == warmup_end:
-            clock.start()
-
-        # a stop asked for by a signal (every rank agreed at the end of the previous step) skips validation
-        # and checkpoints at once
-        if not stopped_by and validation_due(step, args):
-            with clock.paused(resume=timing):
-                val_loss, val_stats = evaluate(wrapped_model, val_loader, args, rt)
-                log(VAL_LINE.format(step=step, num_iterations=N, val_loss=val_loss, train_time=clock.ms,
-                                    step_avg=step_avg(clock.ms, clock.steps)))
-                log.metrics(dict(val_loss=val_loss), step)
-                if moe:
-                    report_routers(step, train_load, val_stats, model, val_loader, args, rt, log)
-                    train_load.zero_()
-
-        if stopped_by or checkpoint_due(step, start_step, args):
-            with clock.paused(resume=timing):
-                path = write_checkpoint(state, step, log, code, args, rt)
-            if path is None:
-                log(f"step:{step}/{N} stopped: the parameters are not finite, so no checkpoint was written; "
-                    f"{diverged_hint(last_checkpoint)}")
-                exit_code = 3
-                break
-            last_checkpoint = path
-            if stopped_by:
-                log(f"step:{step}/{N} stopped by {stopped_by}: checkpoint {path}")
-                log(f"resume: rerun the same command with --resume {path}")
-                break
-
-        if step == N:
-            break
-        train_loss, step_load = train_step(step, wrapped_model, state, args, rt)
-        train_load += step_load
-        if timing:
-            clock.steps += 1
-
-        train_loss, stop_asked = agree_at_step_end(train_loss, bool(stop_signals), rt)
-        approx_ms = clock.elapsed_ms()
-        log(TRAIN_LINE.format(step=step + 1, num_iterations=N, train_loss=train_loss, train_time=approx_ms,
-                              step_avg=step_avg(approx_ms, clock.steps), lr_mult=get_lr(step, args)))
-        log.metrics(dict(train_loss=train_loss, lr_mult=get_lr(step, args)), step + 1)
-        if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
-            log(f"step:{step + 1}/{N} stopped: the train loss is {train_loss}, so nothing after step {step} was "
-                f"saved; {diverged_hint(last_checkpoint)}")
-            exit_code = 3
-            break
-        if stop_asked:
-            stopped_by = (stop_signals or ["a signal on another rank"])[0]
-
-    if rt.cuda:
-        log(PEAK_MEMORY_LINE.format(mib=torch.cuda.max_memory_allocated() // 1024 // 1024))
-    shutdown(rt)
-    log.close()
-    return exit_code
-
-# -----------------------------------------------------------------------------
-# Run control: log lines, router reports, checkpoints, signals, ranks and devices. A tweak rarely needs these.
-
-# The log's line formats, the record's (tools that read the speedrun's logs read ours): one source for the
-# trainer that writes them and for records/compare.py and gpu_check.py that read them. Readers accept extra
-# key:value fields at the end of a step line, so a new field breaks no reader.
+# The log's line formats are the speedrun's, so that tools reading its logs read ours; records/compare.py
+# reads them, and accepts extra key:value fields at the end of a step line.
 VAL_LINE = "step:{step}/{num_iterations} val_loss:{val_loss:.4f} train_time:{train_time:.0f}ms step_avg:{step_avg:.2f}ms"
 TRAIN_LINE = ("step:{step}/{num_iterations} train_loss:{train_loss:.4f} train_time:{train_time:.0f}ms "
               "step_avg:{step_avg:.2f}ms lr_mult:{lr_mult:.4f}")
 PEAK_MEMORY_LINE = "peak memory consumption: {mib} MiB"
-STEP_LINE_RE = re.compile(r"^step:(\d+)/(\d+) (val|train)_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms((?: \S+:\S+)*)$")
-ROUTER_LINE_RE = re.compile(r"^step:(\d+)/(\d+) router layer:(\d+) (.*)$")
-PEAK_MEMORY_RE = re.compile(r"^peak memory consumption: (\d+) MiB")
-
-
-class StepLine(typing.NamedTuple):
-    kind: str  # "val" or "train"
-    step: int
-    num_iterations: int
-    loss: float
-    train_time_ms: float
-    step_avg_ms: float
-    extra: dict[str, str]  # fields after the record's, e.g. lr_mult
-
-
-def parse_step_line(line: str) -> StepLine | None:
-    """A val or train line (ours, or the speedrun's own), or None."""
-    m = STEP_LINE_RE.match(line)
-    if not m:
-        return None
-    extra = dict(f.split(":", 1) for f in m[7].split())
-    return StepLine(m[3], int(m[1]), int(m[2]), float(m[4]), float(m[5]), float(m[6]), extra)
-
-
-def parse_router_line(line: str) -> tuple[int, int, dict[str, float | list[float]]] | None:
-    """A router line: (step, layer, fields), each field a number or a list (one per expert), or None."""
-    m = ROUTER_LINE_RE.match(line)
-    if not m:
-        return None
-    fields_ = dict(f.split(":", 1) for f in m[4].split() if ":" in f)
-    return int(m[1]), int(m[3]), {k: [float(x) for x in v.split(",")] if "," in v else float(v)
-                                  for k, v in fields_.items()}
-
-
-def parse_peak_memory(line: str) -> int | None:
-    m = PEAK_MEMORY_RE.match(line)
-    return int(m[1]) if m else None
-
 
 def step_avg(ms: float, steps: int) -> float:
     return ms / steps if steps > 0 else float("nan")
 
+def validate(step: int, wrapped_model: nn.Module, val_loader: DistributedDataLoader, train_load: torch.Tensor,
+             state: TrainState, args: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """The validation loss line and, for an MoE, the router lines; train_load (routed tokens since the last
+    validation) starts again from zero. A collective: every rank calls it."""
+    val_loss, val_stats = evaluate(wrapped_model, val_loader, args, rt)
+    clock = state.clock
+    log(VAL_LINE.format(step=step, num_iterations=args.num_iterations, val_loss=val_loss, train_time=clock.ms,
+                        step_avg=step_avg(clock.ms, clock.steps)))
+    log.metrics(dict(val_loss=val_loss), step)
+    if args.num_experts > 1:
+        report_routers(step, train_load, val_stats, state.model, val_loader, args, rt, log)
+        train_load.zero_()
+
+def log_step(step: int, train_loss: float, lr_mult: float, clock: TrainClock, args: Hyperparameters,
+             log: RunLog) -> None:
+    ms = clock.elapsed_ms()
+    log(TRAIN_LINE.format(step=step, num_iterations=args.num_iterations, train_loss=train_loss, train_time=ms,
+                          step_avg=step_avg(ms, clock.steps), lr_mult=lr_mult))
+    log.metrics(dict(train_loss=train_loss, lr_mult=lr_mult), step)
 
 def report_routers(step: int, train_load: torch.Tensor, val_stats: dict, model: GPT,
                    val_loader: DistributedDataLoader, args: Hyperparameters, rt: Runtime, log: RunLog) -> None:
@@ -1028,11 +770,12 @@ def report_routers(step: int, train_load: torch.Tensor, val_stats: dict, model: 
         per_layer.update(router_grad_norms(model, x_probe[:probe], y_probe[:probe], rt.autocast()))
     if args.router_bias_rate:
         per_layer.update(bias=torch.stack([block.mlp.router.bias for block in model.transformer.h]))
-    lines = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
+    lines, fields_ = router_report(f"step:{step}/{args.num_iterations}", load, val_stats["load"], per_layer)
     for line in lines:
         log(line, console="warning" in line)
-    log.metrics(router_metrics(lines), step)
-
+    log.metrics({f"router/layer{layer}/{name}" + (f"_{e}" if v.dim() > 1 else ""): x
+                 for name, v in fields_.items() for layer in range(len(v))
+                 for e, x in enumerate(v[layer].reshape(-1).tolist())}, step)
 
 def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
     """Per-layer norms of the router parameters' gradients from the cross-entropy alone (ce_grad_norm) and, for a
@@ -1041,10 +784,8 @@ def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) ->
     routers = [list(block.mlp.router.parameters()) for block in model.transformer.h]
 
     def norms(loss, retain):
-        grads = torch.autograd.grad(loss, [p for params in routers for p in params], retain_graph=retain)
-        per_layer = iter(grads)
-        return torch.tensor([math.sqrt(sum(next(per_layer).norm().item() ** 2 for _ in params))
-                             for params in routers])
+        grads = iter(torch.autograd.grad(loss, [p for params in routers for p in params], retain_graph=retain))
+        return torch.tensor([math.sqrt(sum(next(grads).norm().item() ** 2 for _ in params)) for params in routers])
 
     with autocast:
         loss, stats = model(x, y)
@@ -1054,83 +795,131 @@ def router_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor, autocast) ->
         balance = balance_loss(stats["load"], stats["prob"])
     return dict(ce_grad_norm=norms(loss, retain=True), balance_grad_norm=norms(balance, retain=False))
 
-
 def router_report(prefix: str, train_load: torch.Tensor, val_load: torch.Tensor,
-                  per_layer: dict[str, torch.Tensor]) -> list[str]:
-    """One log line per MoE layer, then a warning line for each layer with experts whose validation load fell
-    below a quarter of uniform. Fields are key:value, vectors comma-separated; per_layer adds fields, each a
-    tensor with one entry (or one vector) per layer."""
-    def fractions(load):
-        return load / load.sum(dim=-1, keepdim=True).clamp_min(1)
-
+                  per_layer: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """One log line per MoE layer: the train and val loads as fractions, max_violation (the largest train load
+    x E - 1) and the per_layer fields, vectors comma-separated; then a warning line for each layer with experts
+    whose val load fell below a quarter of uniform. Also returns the fields, each [L] or [L, E]."""
     def value(v):
         return ",".join(f"{x:.4f}" for x in v.tolist()) if v.dim() else f"{v.item():.4g}"
 
-    train_frac, val_frac = fractions(train_load), fractions(val_load)
-    E = val_load.size(1)
+    train_frac, val_frac = (load / load.sum(dim=-1, keepdim=True).clamp_min(1) for load in (train_load, val_load))
+    layers, E = val_frac.shape
     max_violation = torch.where(train_load.sum(-1) > 0, train_frac.max(-1).values * E - 1, float("nan"))
-    lines = []
-    for layer in range(val_load.size(0)):
-        fields_ = [f"train_load:{value(train_frac[layer])}", f"val_load:{value(val_frac[layer])}",
-                   f"max_violation:{value(max_violation[layer])}"]
-        fields_ += [f"{name}:{value(v[layer])}" for name, v in per_layer.items()]
-        lines.append(f"{prefix} router layer:{layer} " + " ".join(fields_))
+    fields_ = dict(train_load=train_frac, val_load=val_frac, max_violation=max_violation, **per_layer)
+    lines = [f"{prefix} router layer:{layer} " + " ".join(f"{name}:{value(v[layer])}" for name, v in fields_.items())
+             for layer in range(layers)]
     floor = 0.25 / E
-    for layer in range(val_load.size(0)):  # one line per layer, however many experts starve
+    for layer in range(layers):  # one line per layer, however many experts starve
         starved = (val_frac[layer] < floor).nonzero().flatten()
         if len(starved):
             lines.append(f"{prefix} warning: layer {layer} experts {','.join(map(str, starved.tolist()))} val_load "
                          f"{value(val_frac[layer, starved])} below a quarter of uniform ({floor:.4f})")
-    return lines
+    return lines, fields_
 
+def validation_due(step: int, args: Hyperparameters) -> bool:
+    return step == args.num_iterations or (args.val_loss_every > 0 and step % args.val_loss_every == 0)
 
-def router_metrics(lines: list[str]) -> dict[str, float]:
-    """router_report()'s layer lines as flat metrics router/layer{l}/{field}[_{expert}] (for wandb)."""
-    metrics = {}
-    for step, layer, fields_ in filter(None, map(parse_router_line, lines)):
-        for name, value in fields_.items():
-            for e, v in enumerate(value if isinstance(value, list) else [value]):
-                metrics[f"router/layer{layer}/{name}" + (f"_{e}" if isinstance(value, list) else "")] = v
-    return metrics
+def checkpoint_due(step: int, start_step: int, args: Hyperparameters) -> bool:
+    """At the end and every --save_every steps, never at the step a session started from."""
+    return step > start_step and (step == args.num_iterations or (args.save_every > 0 and step % args.save_every == 0))
 
+def main(argv=None) -> int:
+    """Train; return the exit status (0 done or stopped by a signal, 2 bad input, 3 diverged)."""
+    args = parse_args(argv)
+    try:
+        checkpoint = check_run(args)  # the flags, the data and the checkpoint to resume from
+    except ConfigError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print(f"ok: the flags, the data and the checkpoint check out for {os.environ.get('WORLD_SIZE', 1)} rank(s)")
+        return 0
+    rt = setup_runtime(args)  # ranks, device, precision, the seed
+    log = RunLog(args, rt, checkpoint)
+    state, val_loader, start_step = build_run(args, rt, log, checkpoint)  # data, model, optimizers
+    wrapped_model = wrap_model(state.model, rt)
+    train_load = torch.zeros(args.n_layer, args.num_experts, device=rt.device)  # routed tokens since the last val
+    N, last_checkpoint, stop, exit_code = args.num_iterations, checkpoint and checkpoint["path"], None, 0
+    with stop_signals() as received:
+        try:
+            for step in range(start_step, N + 1):
+                if step == start_step + 10:  # the clock leaves out a session's first 10 steps (compilation)
+                    state.clock.start()
+                if validation_due(step, args) and not stop:  # a stop goes straight to its checkpoint
+                    with state.clock.paused():
+                        validate(step, wrapped_model, val_loader, train_load, state, args, rt, log)
+                if stop or checkpoint_due(step, start_step, args):
+                    with state.clock.paused():
+                        last_checkpoint = write_checkpoint(state, step, log, args, rt)
+                    if stop:
+                        log(f"step:{step}/{N} stopped by {stop}: checkpoint {last_checkpoint}")
+                        log(f"resume: rerun the same command with --resume {last_checkpoint}")
+                        break
+                if step == N:
+                    break
+                lr_mult = get_lr(step, args)
+                train_loss, step_load = train_step(wrapped_model, state, lr_mult, args, rt)
+                train_load += step_load
+                state.clock.count_step()
+                train_loss, stop = agree_at_step_end(train_loss, received, rt)
+                log_step(step + 1, train_loss, lr_mult, state.clock, args, log)
+                if not math.isfinite(train_loss):  # the same value on every rank, so every rank stops here
+                    raise Diverged(f"step:{step + 1}/{N} stopped: the train loss is {train_loss}, so nothing "
+                                   f"after step {step} was saved")
+        except Diverged as e:
+            log(f"{e}; " + (f"the last checkpoint is {last_checkpoint}: resume with --resume {last_checkpoint} "
+                            "and lower learning rates" if last_checkpoint else
+                            "no checkpoint was written before it; lower the learning rates and start again"))
+            exit_code = 3
+    finish_run(rt, log)
+    return exit_code
+
+# -----------------------------------------------------------------------------
+# Run control: log lines, checkpoints, signals, ranks and devices. A tweak should not need to touch these.
 
 # the fields that fix the parameters' shapes and their optimizers: a checkpoint resumes only into the same ones
 FIXED_AT_RESUME = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "expert_hidden",
                    "shared_expert_hidden", "router", "router_optimizer"]
 
+def check_run(args: Hyperparameters) -> dict | None:
+    """Check the flags, the shards and the checkpoint to resume from, before any work starts; each problem is a
+    one-line ConfigError. Returns the checkpoint (None for a new run)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, world_size)
+    for pattern in (args.input_bin, args.input_val_bin):
+        try:
+            DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, world_size)
+        except ShardError as e:
+            raise ConfigError(str(e)) from None
+    return load_checkpoint(args) if args.resume else None
 
-def resolve_checkpoint(resume: str, log_dir: str) -> str:
-    """--resume PATH as given, or 'latest': the most recently written checkpoint under log_dir/<run id>/."""
-    if resume != "latest":
-        return resume
-    found = glob.glob(os.path.join(log_dir, "*", "state_step*.pt"))
-    if not found:
-        raise ConfigError(f"--resume latest: no checkpoint (state_step*.pt) under {log_dir}/*/; give its path or "
-                          f"--log_dir")
-    return max(found, key=os.path.getmtime)
-
-
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
-    """Read a checkpoint to the CPU (tensors only: no code runs); a one-line ConfigError if it is unreadable."""
+def load_checkpoint(args: Hyperparameters) -> dict:
+    """--resume PATH, or 'latest' (the newest checkpoint under --log_dir/<run id>/), read to the CPU (tensors only:
+    no code runs) and checked against the flags; its path is added as "path"."""
+    path = args.resume
+    if path == "latest":
+        found = glob.glob(os.path.join(args.log_dir, "*", "state_step*.pt"))
+        if not found:
+            raise ConfigError(f"--resume latest: no checkpoint (state_step*.pt) under {args.log_dir}/*/; give its "
+                              f"path or --log_dir")
+        path = max(found, key=os.path.getmtime)
     if not os.path.isfile(path):
         raise ConfigError(f"--resume {path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at its very end
         raise ConfigError(f"--resume {path}: truncated, or not a checkpoint (no zip directory at its end); "
                           f"pick an earlier one")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); pick an earlier one") from None
-    missing = {"step", "args", "model", "optimizers", "train_loader"} - set(state)
+    missing = {"step", "args", "model", "optimizers", "train_loader"} - set(checkpoint)
     if missing:
         raise ConfigError(f"--resume {path}: not a checkpoint of this trainer (missing {sorted(missing)})")
-    return state
-
-
-def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
     # a field the checkpoint lacks did not exist when it was written: the run used the field's default
-    saved = {**{f.name: f.default for f in fields(Hyperparameters)}, **checkpoint["args"]}
+    saved = {**dataclasses.asdict(Hyperparameters()), **checkpoint["args"]}
     differ = [f"{name} (checkpoint {saved[name]!r}, now {getattr(args, name)!r})"
               for name in FIXED_AT_RESUME if saved[name] != getattr(args, name)]
     if differ:
@@ -1139,49 +928,45 @@ def check_resume(args: Hyperparameters, checkpoint: dict, path: str) -> None:
     if checkpoint["step"] > args.num_iterations:
         raise ConfigError(f"--resume {path}: the checkpoint is at step {checkpoint['step']}, beyond "
                           f"--num_iterations {args.num_iterations}")
+    return dict(checkpoint, path=path)
 
-
-def check_inputs(args: Hyperparameters, world_size: int) -> None:
-    """Check the shards and the checkpoint to resume from, before training: each problem is a one-line error."""
-    for pattern in (args.input_bin, args.input_val_bin):
-        try:
-            DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, world_size)
-        except ShardError as e:
-            raise ConfigError(str(e)) from None
-    if args.resume:
-        path = resolve_checkpoint(args.resume, args.log_dir)
-        check_resume(args, load_checkpoint(path, mmap=True), path)
-
-
-def save_checkpoint(state: dict, path: str, keep: int) -> None:
+def save_checkpoint(contents: dict, path: str, keep: int) -> None:
     """Write atomically (a temporary file, then a rename), so that a crash never leaves a broken checkpoint;
     then delete all but the newest `keep` checkpoints of the run (0: keep all)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(contents, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if keep > 0:
-        for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "state_step*.pt")))[:-keep]:
-            os.remove(old)
+    os.replace(f"{path}.tmp", path)
+    for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "state_step*.pt")))[:-keep] if keep else []:
+        os.remove(old)
 
+class Diverged(Exception):
+    """Training cannot go on: a loss or a parameter is not finite. The message says where."""
 
-def checkpoint_state(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
-                     rt: Runtime) -> dict:
-    """The checkpoint's contents. A collective: every rank calls it (Muon's momenta are spread over ranks). The
-    optimizers' states hold each group's lr and initial_lr, so the schedule resumes from the step alone."""
-    return dict(
-        step=step, run_id=log.run_id, code=code, args=dataclasses.asdict(args), world_size=rt.world_size,
+def write_checkpoint(state: TrainState, step: int, log: RunLog, args: Hyperparameters, rt: Runtime) -> str:
+    """Write the checkpoint of this step and return its path. A collective (Muon's momenta are spread over
+    ranks): every rank takes part, rank 0 writes. The optimizers' states hold each group's lr and initial_lr,
+    so the schedule resumes from the step alone. A poisoned state never replaces a good checkpoint."""
+    if not torch.stack([p.isfinite().all() for p in state.model.parameters()]).all().item():
+        raise Diverged(f"step:{step}/{args.num_iterations} stopped: the parameters are not finite, so no "
+                       f"checkpoint was written")
+    contents = dict(
+        step=step, run_id=log.run_id, code=log.code, args=dataclasses.asdict(args), world_size=rt.world_size,
         model=state.model.state_dict(),
         optimizers=[opt.full_state_dict() if isinstance(opt, Muon) else opt.state_dict() for opt in state.optimizers],
         train_loader=state.train_loader.state_dict(),  # ranks move in lockstep: one position describes all
         train_time_ms=state.clock.ms, timed_steps=state.clock.steps,
         rng=dict(cpu=torch.get_rng_state(), **(dict(cuda=torch.cuda.get_rng_state()) if rt.cuda else {})))
-
+    path = os.path.join(log.run_dir, f"state_step{step:06d}.pt")
+    if rt.master:
+        save_checkpoint(contents, path, args.keep_checkpoints)
+    if rt.world_size > 1:
+        dist.barrier()
+    return path
 
 def restore(state: TrainState, checkpoint: dict, rt: Runtime) -> int:
-    """Put a checkpoint's contents back in place (the inverse of checkpoint_state); return its step."""
+    """Put a checkpoint's contents back in place (the inverse of write_checkpoint); return its step."""
     state.model.load_state_dict(checkpoint["model"])
     for opt, saved in zip(state.optimizers, checkpoint["optimizers"]):
         opt.load_state_dict(saved)
@@ -1191,23 +976,6 @@ def restore(state: TrainState, checkpoint: dict, rt: Runtime) -> int:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     state.clock = TrainClock(checkpoint["train_time_ms"], checkpoint["timed_steps"], rt.sync)
     return checkpoint["step"]
-
-
-def write_checkpoint(state: TrainState, step: int, log: RunLog, code: str, args: Hyperparameters,
-                     rt: Runtime) -> str | None:
-    """Every rank takes part; rank 0 writes. None if the parameters are not finite: a poisoned state never
-    replaces a good checkpoint."""
-    finite = torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
-    if not finite.item():
-        return None
-    contents = checkpoint_state(state, step, log, code, args, rt)
-    path = os.path.join(log.run_dir, f"state_step{step:06d}.pt")
-    if rt.master:
-        save_checkpoint(contents, path, args.keep_checkpoints)
-    if rt.distributed:
-        dist.barrier()
-    return path
-
 
 class TrainClock:
     """Training time in ms: it runs only while training, never during validation or checkpointing."""
@@ -1226,95 +994,64 @@ class TrainClock:
             self.t0 = None
 
     @contextlib.contextmanager
-    def paused(self, resume: bool):
-        """Off the clock inside (validation, checkpoints); restarted afterwards if `resume`."""
+    def paused(self):
+        """Off the clock inside (validation, checkpoints); running again afterwards if it was running."""
+        running = self.t0 is not None
         self.stop()
         yield
-        if resume:
+        if running:
             self.start()
+
+    def count_step(self):
+        self.steps += self.t0 is not None
 
     def elapsed_ms(self) -> float:
         return self.ms + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
-
-def diverged_hint(last_checkpoint: str | None) -> str:
-    if last_checkpoint is None:
-        return "no checkpoint was written before it; lower the learning rates and start again"
-    return f"the last checkpoint is {last_checkpoint}: resume with --resume {last_checkpoint} and lower learning rates"
-
-
-def catch_stop_signals() -> list[str]:
+@contextlib.contextmanager
+def stop_signals():
     """Preemption: SIGTERM (a scheduler) or SIGINT (Ctrl-C) asks for a checkpoint at the next step boundary.
-    The returned list collects the names of the signals received."""
+    Yields the list of the names of the signals received; the handlers before are put back on leaving."""
     received = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
-    return received
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-
-def agree_at_step_end(train_loss: torch.Tensor, stop_asked: bool, rt: Runtime) -> tuple[float, bool]:
-    """One small all-reduce per step: the train loss averaged over ranks (the record logged rank 0's last
-    micro-batch), and whether any rank was asked to stop."""
-    control = torch.stack([train_loss, torch.tensor(float(stop_asked), device=rt.device)])
+def agree_at_step_end(train_loss: torch.Tensor, received: list[str], rt: Runtime) -> tuple[float, str | None]:
+    """One small all-reduce per step: the train loss averaged over ranks (rather than rank 0's last micro-batch),
+    and the stop asked for on any rank: the name of the signal, or None."""
+    control = torch.stack([train_loss, torch.tensor(float(bool(received)), device=rt.device)])
     train_loss, stop_votes = rt.all_reduce_sum(control).tolist()
-    return train_loss / rt.world_size, stop_votes > 0
-
-
-def cpu_model() -> str:
-    """The host CPU's name, for the log: step times on a CPU depend on it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
-
-
-def log_header(code: str) -> str:
-    """The log begins with the source, then the versions, the CPU and nvidia-smi, each part fenced."""
-    fence = "=" * 100 + "\n"
-    try:
-        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
-    except OSError:
-        smi = "nvidia-smi: not available\n"
-    return (fence + code + ("" if code.endswith("\n") else "\n") + fence
-            + f"Running pytorch {torch.version.__version__} compiled for CUDA {torch.version.cuda}\n"
-            + f"python {platform.python_version()}, cpu: {cpu_model()}, {os.cpu_count()} cores\n"
-            + f"nvidia-smi:\n{smi}\n" + fence)
-
+    return train_loss / rt.world_size, (received or ["a signal on another rank"])[0] if stop_votes else None
 
 @dataclass
 class Runtime:
-    """Where this process runs: its place among the ranks, its device and its precision."""
+    """Where this process runs: its place among the ranks, its device, precision and seed."""
     rank: int
-    local_rank: int
     world_size: int
-    distributed: bool  # launched by torchrun, with a process group
     device: torch.device
     dtype: torch.dtype  # autocast and Newton-Schulz precision
     compile_model: bool
     attention: str = "default"  # the attention backend that runs, or the fallback taken
+    seed: int = 0
 
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
+    master = property(lambda self: self.rank == 0)
+    cuda = property(lambda self: self.device.type == "cuda")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        return torch.cuda.synchronize() if self.cuda else None
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
+        if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
-
 
 def use_record_attention(device: torch.device, head_dim: int) -> str:
     """The record's attention: cuDNN, with flash, memory-efficient and math disabled (recent torch tries flash
@@ -1332,13 +1069,12 @@ def use_record_attention(device: torch.device, head_dim: int) -> str:
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(True)
         return f"torch's default order (flash first): cuDNN attention failed here ({str(e).splitlines()[0][:120]})"
 
-
 def setup_runtime(args: Hyperparameters) -> Runtime:
-    """NCCL on GPUs, gloo on CPU; a plain single process without torchrun. On GPUs, the record's settings:
-    cuDNN attention and inductor's coordinate-descent tuning."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """NCCL on GPUs, gloo on CPU, a plain process without torchrun; the record's GPU settings (cuDNN attention,
+    inductor's coordinate-descent tuning); and one random seed on every rank: --seed, or one drawn by rank 0."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     compile_model = use_cuda if args.compile is None else args.compile
     attention = "default"
     if use_cuda:
@@ -1346,56 +1082,109 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
         attention = use_record_attention(device, args.n_embd // args.n_head)
         if compile_model:
             import torch._inductor.config as inductor_config
-            inductor_config.coordinate_descent_tuning = True  # as the record: slower compiles, faster kernels
-    distributed = "RANK" in os.environ
-    if distributed:
+            inductor_config.coordinate_descent_tuning = True  # slower compiles, faster kernels
+    if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    return Runtime(rank=int(os.environ.get("RANK", 0)), local_rank=local_rank,
-                   world_size=int(os.environ.get("WORLD_SIZE", 1)), distributed=distributed, device=device,
-                   dtype=dtype, compile_model=compile_model, attention=attention)
-
+    rt = Runtime(rank, world_size, device, dtype, compile_model, attention)
+    seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+    rt.seed = int(rt.all_reduce_sum(torch.tensor([seed if rt.master else 0], device=device)).item())
+    torch.manual_seed(rt.seed)
+    return rt
 
 def wrap_model(model: GPT, rt: Runtime) -> nn.Module:
     """The model as the steps run it: compiled, then DDP-wrapped on several ranks. One rank runs it without DDP,
     which would only split the compiled graph at its gradient buckets."""
     wrapped = torch.compile(model) if rt.compile_model else model
-    if rt.world_size > 1:
-        wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.cuda else None)
-    return wrapped
+    return DDP(wrapped, device_ids=[rt.device.index] if rt.cuda else None) if rt.world_size > 1 else wrapped
 
+def build_run(args: Hyperparameters, rt: Runtime, log: RunLog,
+              checkpoint: dict | None) -> tuple[TrainState, DistributedDataLoader, int]:
+    """The loaders, the model and its optimizers, with the checkpoint's state over them; and the first step."""
+    B, T = args.device_batch_size, args.sequence_length
+    train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device)
+    val_loader = DistributedDataLoader(args.input_val_bin, B, T, rt.rank, rt.world_size, rt.device)
+    log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
+        f"validation: {sum(val_loader.shard_tokens):,} tokens")
+    accumulation = args.batch_size // (B * rt.world_size)
+    if train_loader.batches_per_pass() < args.num_iterations * accumulation:
+        log(f"warning: the training shards hold {train_loader.batches_per_pass() // accumulation} "
+            f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
+            f"the first shard (download more shards to avoid it)")
+    model = GPT(args).to(rt.device)
+    optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
+    state = TrainState(model, optimizers, train_loader, TrainClock(sync=rt.sync))
+    start_step = restore(state, checkpoint, rt) if checkpoint else 0
+    return state, val_loader, start_step
 
-def shutdown(rt: Runtime) -> None:
-    if rt.distributed:
+def finish_run(rt: Runtime, log: RunLog) -> None:
+    if rt.cuda:
+        log(PEAK_MEMORY_LINE.format(mib=torch.cuda.max_memory_allocated() // 1024 // 1024))
+    if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; gloo aborts if a peer leaves early
         dist.destroy_process_group()
+    if log.wandb:
+        log.wandb.finish()
 
-
-def agree_on_seed(seed: int, rt: Runtime) -> int:
-    """The same random seed on every rank: --seed, or one drawn by rank 0 (DDP also broadcasts rank 0's
-    parameters)."""
-    seed = seed if seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
-    return int(rt.all_reduce_sum(torch.tensor([seed if rt.master else 0], device=rt.device)).item())
-
+def cpu_model() -> str:
+    """The host CPU's name, for the log: step times on a CPU depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
 
 class RunLog:
     """logs/<run id>.txt, written by rank 0, and the run's checkpoint folder logs/<run id>/. The log is the
-    record, so it begins with this file's source; a resumed run appends to its log. With --wandb the
-    metrics also go to Weights & Biases."""
+    record, so it begins with this file's source, the versions, the CPU and nvidia-smi, each part fenced; a
+    resumed run appends to its log. With --wandb the metrics also go to Weights & Biases."""
 
-    def __init__(self, args: Hyperparameters, run_id: str, code: str, master: bool):
-        self.run_id, self.master, self.wandb = run_id, master, None
-        self.run_dir, self.path = os.path.join(args.log_dir, run_id), os.path.join(args.log_dir, f"{run_id}.txt")
-        if master:
+    def __init__(self, args: Hyperparameters, rt: Runtime, checkpoint: dict | None = None):
+        self.code = open(os.path.abspath(__file__)).read()
+        self.run_id = checkpoint["run_id"] if checkpoint else str(uuid.uuid4())
+        self.master, self.wandb = rt.master, None
+        self.run_dir, self.path = os.path.join(args.log_dir, self.run_id), os.path.join(args.log_dir, f"{self.run_id}.txt")
+        if self.master:
             os.makedirs(self.run_dir, exist_ok=True)
             if not os.path.exists(self.path):
                 with open(self.path, "w") as f:
-                    f.write(log_header(code))
+                    f.write(self.header())
             if args.wandb:
                 import wandb
-                self.wandb = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args),
-                                        resume="allow")
+                self.wandb = wandb.init(project=args.wandb_project, name=self.run_id, resume="allow",
+                                        config=dataclasses.asdict(args))
+        if checkpoint:
+            self(f"resume: from {checkpoint['path']} at step {checkpoint['step']}")
+            changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
+                       if k not in ("resume", "check_only") and getattr(args, k, v) != v}
+            if changed:
+                self(f"resume: flags changed since the checkpoint (was, now): {changed}")
+            if checkpoint["code"] != self.code:
+                self("warning: train_gpt2.py differs from the source the checkpoint was trained with")
+        self(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
+        self(f"seed:{rt.seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
+             f"compile:{rt.compile_model}" + (f" attention:{rt.attention}" if rt.attention == "cudnn" else ""))
+        if rt.cuda and rt.attention != "cudnn":
+            self(f"warning: attention falls back to {rt.attention}")
+        if args.num_experts > 1 and (grouped_mm is None or (rt.compile_model and rt.dtype == torch.float32)):
+            why = (f"torch {torch.__version__} has no grouped_mm (upgrade torch, see requirements.txt)"
+                   if grouped_mm is None else
+                   "torch.compile traces grouped_mm in bf16 only (use --dtype bfloat16, or --no-compile)")
+            self(f"warning: the MoE's slow path: every expert multiplies every token, {args.num_experts}x the "
+                 f"expert FLOPs, because {why}")
+
+    def header(self) -> str:
+        fence = "=" * 100 + "\n"
+        try:
+            smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
+        except OSError:
+            smi = "nvidia-smi: not available\n"
+        return (fence + self.code + ("" if self.code.endswith("\n") else "\n") + fence
+                + f"Running pytorch {torch.version.__version__} compiled for CUDA {torch.version.cuda}\n"
+                + f"python {platform.python_version()}, cpu: {cpu_model()}, {os.cpu_count()} cores\n"
+                + f"nvidia-smi:\n{smi}\n" + fence)
 
     def __call__(self, line: str, console: bool = True):
         if self.master:
@@ -1408,54 +1197,10 @@ class RunLog:
         if self.wandb:
             self.wandb.log(values, step=step)
 
-    def close(self):
-        if self.wandb:
-            self.wandb.finish()
-
-
-def log_resume(log: RunLog, args: Hyperparameters, checkpoint: dict, path: str, code: str) -> None:
-    log(f"resume: from {path} at step {checkpoint['step']}")
-    changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
-               if k not in ("resume", "check_only") and getattr(args, k, v) != v}
-    if changed:
-        log(f"resume: flags changed since the checkpoint (was, now): {changed}")
-    if checkpoint["code"] != code:
-        log("warning: train_gpt2.py differs from the source the checkpoint was trained with")
-
-
-def log_setup(log: RunLog, args: Hyperparameters, rt: Runtime, seed: int) -> None:
-    log(f"hyperparameters: {dataclasses.asdict(args)}", console=False)
-    log(f"seed:{seed} world_size:{rt.world_size} device:{rt.device.type} dtype:{str(rt.dtype)[6:]} "
-        f"compile:{rt.compile_model}" + (f" attention:{rt.attention}" if rt.attention == "cudnn" else ""))
-    if rt.cuda and rt.attention != "cudnn":
-        log(f"warning: attention falls back to {rt.attention}")
-    if args.num_experts > 1 and (grouped_mm is None or (rt.compile_model and rt.dtype == torch.float32)):
-        why = (f"torch {torch.__version__} has no grouped_mm (upgrade torch, see requirements.txt)" if grouped_mm is None
-               else "torch.compile traces grouped_mm in bf16 only (use --dtype bfloat16, or --no-compile)")
-        log(f"warning: the MoE's slow path: every expert multiplies every token, {args.num_experts}x the expert "
-            f"FLOPs, because {why}")
-
-
-def open_loaders(args: Hyperparameters, rt: Runtime, accumulation: int,
-                 log: RunLog) -> tuple[DistributedDataLoader, DistributedDataLoader]:
-    B, T = args.device_batch_size, args.sequence_length
-    train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device)
-    val_loader = DistributedDataLoader(args.input_val_bin, B, T, rt.rank, rt.world_size, rt.device)
-    log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
-        f"validation: {sum(val_loader.shard_tokens):,} tokens")
-    if train_loader.batches_per_pass() < args.num_iterations * accumulation:
-        log(f"warning: the training shards hold {train_loader.batches_per_pass() // accumulation} "
-            f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
-            f"the first shard (download more shards to avoid it)")
-    return train_loader, val_loader
-
 
 if __name__ == "__main__":
     exit_code = main()
-    # Everything is written and closed by now, so leave without the interpreter's teardown: DDP keeps the gloo
-    # process group (and its worker threads) alive past destroy_process_group(), and a worker that frees the
-    # last collective's tensors while the interpreter shuts down aborts the process with SIGABRT ("terminate
-    # called without an active exception", about 1 run in 20 on a busy CPU; cf. pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # leave without the interpreter's teardown: a gloo worker thread that DDP keeps alive and that frees tensors
+    # during it aborts ~1 run in 20 with SIGABRT (cf. pytorch/pytorch#179291); everything is written by now
+    sys.stdout.flush(), sys.stderr.flush()
     os._exit(exit_code)

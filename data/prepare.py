@@ -38,7 +38,9 @@ import zipfile
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_gpt2 import ShardError, load_shard, read_shard_header, write_shard  # noqa: E402  (one shard format)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shards import write_shard  # noqa: E402
+from train_gpt2 import ShardError, load_shard, read_shard_header  # noqa: E402  (one shard format)
 
 EOT = 50256  # GPT-2's <|endoftext|>
 GPT2_VOCAB = 50257

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_gpt2 import write_shard  # noqa: E402  (the shard format lives with the loader that reads it)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shards import write_shard  # noqa: E402
 
 
 class MarkovLanguage:

@@ -20,20 +20,57 @@ import json
 import math
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt2 import (ROUTERS, Hyperparameters, parse_peak_memory, parse_router_line,  # noqa: E402  (one log format)
-                        parse_step_line)
+from train_gpt2 import ROUTERS, Hyperparameters  # noqa: E402
 
 FENCE = "=" * 100
 # flags that do not change what a run computes: runs that differ only in these are one configuration
-RUN_CONTROL = {"seed", "resume", "log_dir", "save_every", "keep_checkpoints", "check_only", "wandb",
-               "wandb_project", "compile", "input_bin", "input_val_bin"}
-
-
+RUN_CONTROL = {f.name for f in dataclasses.fields(Hyperparameters) if f.metadata["run_control"]}
 DEFAULTS = dataclasses.asdict(Hyperparameters())
+
+# The readers of train_gpt2.py's line formats (VAL_LINE, TRAIN_LINE, the router lines, PEAK_MEMORY_LINE),
+# which are the speedrun's own: a step line may carry extra key:value fields at its end.
+STEP_LINE_RE = re.compile(r"^step:(\d+)/(\d+) (val|train)_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms((?: \S+:\S+)*)$")
+ROUTER_LINE_RE = re.compile(r"^step:(\d+)/(\d+) router layer:(\d+) (.*)$")
+PEAK_MEMORY_RE = re.compile(r"^peak memory consumption: (\d+) MiB")
+
+
+class StepLine(typing.NamedTuple):
+    kind: str  # "val" or "train"
+    step: int
+    num_iterations: int
+    loss: float
+    train_time_ms: float
+    step_avg_ms: float
+    extra: dict[str, str]  # fields after the record's, e.g. lr_mult
+
+
+def parse_step_line(line: str) -> StepLine | None:
+    """A val or train line (ours, or the speedrun's own), or None."""
+    m = STEP_LINE_RE.match(line)
+    if not m:
+        return None
+    extra = dict(f.split(":", 1) for f in m[7].split())
+    return StepLine(m[3], int(m[1]), int(m[2]), float(m[4]), float(m[5]), float(m[6]), extra)
+
+
+def parse_router_line(line: str) -> tuple[int, int, dict[str, float | list[float]]] | None:
+    """A router line: (step, layer, fields), each field a number or a list (one per expert), or None."""
+    m = ROUTER_LINE_RE.match(line)
+    if not m:
+        return None
+    fields_ = dict(f.split(":", 1) for f in m[4].split() if ":" in f)
+    return int(m[1]), int(m[3]), {k: [float(x) for x in v.split(",")] if "," in v else float(v)
+                                  for k, v in fields_.items()}
+
+
+def parse_peak_memory(line: str) -> int | None:
+    m = PEAK_MEMORY_RE.match(line)
+    return int(m[1]) if m else None
 
 
 class LogError(ValueError):

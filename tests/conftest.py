@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))
+for folder in (ROOT, ROOT / "data", ROOT / "records", ROOT / "tools"):
+    sys.path.insert(0, str(folder))
 
 import synthetic  # noqa: E402
-from train_gpt2 import parse_step_line  # noqa: E402  (the log's formats have one source: the trainer)
+from compare import parse_step_line  # noqa: E402  (the readers of the trainer's log lines)
 
 # a model and batch small enough that a step takes milliseconds on one CPU core
 TINY_VOCAB = 128

@@ -8,26 +8,25 @@ import torch
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-from train_gpt2 import GPTConfig  # noqa: E402
+from train_gpt2 import Hyperparameters  # noqa: E402
 
 
 def test_flops_per_token_counts_active_parameters():
-    dense = bench.flops_per_token(GPTConfig(), 1024)
+    dense = bench.flops_per_token(Hyperparameters(), 1024)
     # GPT-2 small with an untied head: 85M block parameters + 38.6M head, then attention
     assert dense == 6 * (12 * 12 * 768 ** 2 + 50304 * 768) + 12 * 12 * 768 * 1024
     assert dense / 1e6 == pytest.approx(854.65, abs=0.01)
-    moe1 = bench.flops_per_token(GPTConfig(num_experts=4), 1024)
+    moe1 = bench.flops_per_token(Hyperparameters(num_experts=4), 1024)
     assert moe1 - dense == 6 * 12 * 768 * 4  # top-1: the same active parameters, plus the routers
-    moe2 = bench.flops_per_token(GPTConfig(num_experts=4, top_k=2), 1024)
+    moe2 = bench.flops_per_token(Hyperparameters(num_experts=4, top_k=2), 1024)
     assert moe2 - moe1 == 6 * 12 * 8 * 768 ** 2  # a second expert per token
-    assert bench.flops_per_token(GPTConfig(num_experts=4, router="hash"), 1024) == dense
+    assert bench.flops_per_token(Hyperparameters(num_experts=4, router="hash"), 1024) == dense
     # fine-grained and shared experts at the dense MLP's active width: only the routers add
-    fine = bench.flops_per_token(GPTConfig(num_experts=16, top_k=4, expert_hidden=768), 1024)
-    shared = bench.flops_per_token(GPTConfig(num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=768), 1024)
+    fine = bench.flops_per_token(Hyperparameters(num_experts=16, top_k=4, expert_hidden=768), 1024)
+    shared = bench.flops_per_token(Hyperparameters(num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=768), 1024)
     assert fine - dense == shared - dense == 6 * 12 * 768 * 16
-    wider = bench.flops_per_token(GPTConfig(num_experts=16, top_k=4, expert_hidden=768, shared_expert_hidden=768), 1024)
+    wider = bench.flops_per_token(Hyperparameters(num_experts=16, top_k=4, expert_hidden=768, shared_expert_hidden=768), 1024)
     assert wider - fine == 6 * 12 * 2 * 768 * 768  # a shared expert of width 768 on top
 
 
@@ -67,7 +66,7 @@ def test_peak_tflops_by_device_name():
                                           "--shared_expert_hidden", "256"]], ids=["seed", "E16-top3-shared"])
 def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path, shape):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--steps", "2", "--warmup", "1",
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--steps", "2", "--warmup", "1",
                              "--device_batch_size", "2", "--json", str(out), *shape],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,7 +1,7 @@
 """What only a GPU shows: the record's GPU settings, the CUDA grouped GEMM in bf16, the compiled step with no host
 sync, DDP over NCCL.
 
-Skipped without CUDA; `python gpu_check.py` runs them first on a GPU machine. Its plan counts this file's
+Skipped without CUDA; `python tools/gpu_check.py` runs them first on a GPU machine. Its plan counts this file's
 compiles (4: the grouped GEMM twice, the 2-layer model, Newton-Schulz): a test that compiles more changes it.
 """
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from train_gpt2 import (GPT, GPTConfig, Hyperparameters, balance_loss, expert_matmul, make_optimizers, setup_runtime,
+from train_gpt2 import (GPT, Hyperparameters, balance_loss, expert_matmul, make_optimizers, setup_runtime,
                         zeropower_via_newtonschulz5)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,8 +64,8 @@ def test_grouped_gemm_bf16_forward_and_backward_equal_a_loop(counts, compiled):
             assert relative_error(w.grad[g], w_ref.grad[g]) < 1e-2, (g, n)
 
 
-def starved_moe(**kw) -> GPTConfig:
-    return GPTConfig(vocab_size=512, n_layer=2, n_head=6, n_embd=C, num_experts=4, **kw)
+def starved_moe(**kw) -> Hyperparameters:
+    return Hyperparameters(vocab_size=512, n_layer=2, n_head=6, n_embd=C, num_experts=4, **kw)
 
 
 def starve(model: GPT, expert: int = 3):
@@ -81,7 +81,7 @@ def test_compiled_moe_train_step_matches_eager_and_has_no_host_sync():
     torch._dynamo.reset()
     torch.manual_seed(0)
     args = Hyperparameters(vocab_size=512, n_layer=2, n_embd=C, num_experts=4, top_k=1, aux_loss_coef=0.01)
-    model = GPT(GPTConfig.from_args(args)).cuda()
+    model = GPT(args).cuda()
     starve(model)
     for block in model.transformer.h:
         torch.nn.init.normal_(block.mlp.c_proj, std=0.02)
@@ -129,7 +129,7 @@ def test_the_records_gpu_settings():
     assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
                 or torch.backends.cuda.math_sdp_enabled())
     assert rt.compile_model and inductor_config.coordinate_descent_tuning
-    model = GPT(GPTConfig(vocab_size=512, n_layer=1)).cuda()
+    model = GPT(Hyperparameters(vocab_size=512, n_layer=1)).cuda()
     muon = make_optimizers(model, Hyperparameters(), rt.dtype, compile_ns=rt.compile_model)[2]
     assert muon.zeropower is not zeropower_via_newtonschulz5 and rt.dtype == torch.bfloat16
     G = torch.randn(3072, 768, device="cuda")
@@ -152,7 +152,7 @@ def test_ddp_over_nccl_needs_no_find_unused_parameters_with_an_idle_expert():
     try:
         torch.manual_seed(0)
         args = Hyperparameters(vocab_size=512, n_layer=2, n_embd=C, num_experts=4, top_k=1, aux_loss_coef=0.01)
-        model = GPT(GPTConfig.from_args(args)).cuda()
+        model = GPT(args).cuda()
         starve(model)
         ddp = DDP(model, device_ids=[0])
         optimizers = make_optimizers(model, args, torch.bfloat16)

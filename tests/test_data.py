@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from train_gpt2 import (HEADER_WORDS, SHARD_MAGIC, DistributedDataLoader, ShardError, load_shard,
-                        read_shard_header, write_shard)
+from shards import write_shard
+from train_gpt2 import HEADER_WORDS, SHARD_MAGIC, DistributedDataLoader, ShardError, load_shard, read_shard_header
 
 
 def arange_shards(tmp_path, sizes, start=0):
@@ -105,3 +105,4 @@ def test_loader_state_round_trips(tmp_path):
     b.load_state_dict(a.state_dict())
     for _ in range(3):
         torch.testing.assert_close(a.next_batch(), b.next_batch())
+

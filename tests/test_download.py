@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 from helpers.fake_hub import FakeHub
-from train_gpt2 import load_shard, write_shard
+from shards import write_shard
+from train_gpt2 import load_shard
 
 REPO = "kjj0/fineweb10B-gpt2"
 

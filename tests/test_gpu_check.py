@@ -12,7 +12,6 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
 import gpu_check  # noqa: E402
 
 
@@ -24,7 +23,7 @@ def without_torchrun_path() -> str:
 
 def run_check(*args, timeout=900, env=None, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env, **popen)
 
 
@@ -103,7 +102,7 @@ def test_a_stage_past_its_limit_ends_its_whole_tree_and_the_next_stage_still_run
 
 def test_sigterm_to_the_check_ends_the_running_stage_and_keeps_the_summary(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "gpu_check.py"), "--dry", "--stages", "e2e_dense", "--out",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry", "--stages", "e2e_dense", "--out",
                              str(out), "--work", str(work)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, MLP, CausalSelfAttention, GPTConfig, Rotary, apply_rotary_emb
+from train_gpt2 import GPT, MLP, CausalSelfAttention, Hyperparameters, Rotary, apply_rotary_emb
 
-SMALL = GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=64)
+SMALL = Hyperparameters(vocab_size=256, n_layer=2, n_head=2, n_embd=64)
 
 
 def test_loss_at_init_is_ln_vocab_exactly():
@@ -19,7 +19,7 @@ def test_loss_at_init_is_ln_vocab_exactly():
 
 
 def test_full_size_loss_at_init_is_ln_50304():
-    model = GPT(GPTConfig(n_layer=1))
+    model = GPT(Hyperparameters(n_layer=1))
     loss, _ = model(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
     assert loss.item() == pytest.approx(10.8258, abs=1e-4)
 

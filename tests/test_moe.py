@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LN_TINY_VOCAB, TINY, data_flags, run_log, torchrun, val_losses
-from train_gpt2 import GPT, MLP, GPTConfig, Hyperparameters, MoE, Muon, LearnedRouter, balance_loss, expert_matmul
+from train_gpt2 import GPT, MLP, Hyperparameters, MoE, Muon, LearnedRouter, balance_loss, expert_matmul
 
 C = 32
 
 
-def config(**kw) -> GPTConfig:
-    return GPTConfig(**{**dict(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=4), **kw})
+def config(**kw) -> Hyperparameters:
+    return Hyperparameters(**{**dict(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=4), **kw})
 
 
 def randomise(moe: MoE):
@@ -165,12 +165,12 @@ def test_hash_router_sends_token_t_to_t_mod_E():
 
 def test_experts_are_initialised_like_the_dense_mlp():
     torch.manual_seed(0)
-    moe = MoE(GPTConfig(n_embd=768, num_experts=4))
+    moe = MoE(Hyperparameters(n_embd=768, num_experts=4))
     assert moe.c_fc.shape == (4, 3072, 768) and moe.c_proj.shape == (4, 768, 3072)
     assert torch.count_nonzero(moe.c_proj) == 0
     bound = 768 ** -0.5  # nn.Linear(768, 3072)'s uniform bound
     assert moe.c_fc.abs().max() <= bound and moe.c_fc.abs().max() > 0.99 * bound
-    assert moe.c_fc.std().item() == pytest.approx(MLP(GPTConfig()).c_fc.weight.std().item(), rel=0.01)
+    assert moe.c_fc.std().item() == pytest.approx(MLP(Hyperparameters()).c_fc.weight.std().item(), rel=0.01)
     assert not torch.equal(moe.c_fc[0], moe.c_fc[1])
 
 
@@ -252,7 +252,7 @@ def test_moe_flags_default_to_the_dense_record():
     a = Hyperparameters()
     assert (a.num_experts, a.top_k, a.router, a.router_gate, a.null_expert_bias, a.aux_loss_coef) == \
         (1, 1, "learned", "renorm", 0.0, 0.0)
-    assert all(not isinstance(b.mlp, MoE) for b in GPT(GPTConfig(n_layer=2)).transformer.h)
+    assert all(not isinstance(b.mlp, MoE) for b in GPT(Hyperparameters(n_layer=2)).transformer.h)
 
 
 def test_a_shared_expert_adds_a_dense_mlp_to_the_routed_output():
@@ -270,14 +270,14 @@ def test_a_shared_expert_adds_a_dense_mlp_to_the_routed_output():
 
 def test_fine_grained_and_shared_experts_start_like_dense_mlps_of_their_shape():
     torch.manual_seed(0)
-    moe = MoE(GPTConfig(n_embd=768, num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=1024))
+    moe = MoE(Hyperparameters(n_embd=768, num_experts=16, top_k=3, expert_hidden=768, shared_expert_hidden=1024))
     assert moe.c_fc.shape == (16, 768, 768) and moe.c_proj.shape == (16, 768, 768)
     assert moe.shared_expert.c_fc.weight.shape == (1024, 768)
     assert torch.count_nonzero(moe.c_proj) == 0 and torch.count_nonzero(moe.shared_expert.c_proj.weight) == 0
     bound = 768 ** -0.5  # nn.Linear(768, H)'s bound whatever H: it depends on fan-in only
     for w in (moe.c_fc, moe.shared_expert.c_fc.weight):
         assert bound * 0.99 < w.abs().max() <= bound
-    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=16, top_k=3, expert_hidden=16,
+    model = GPT(Hyperparameters(vocab_size=64, n_layer=2, n_head=2, n_embd=C, num_experts=16, top_k=3, expert_hidden=16,
                           shared_expert_hidden=16))
     loss, _ = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
     assert loss.item() == pytest.approx(math.log(64), abs=1e-6)  # zero out-projections: the loss at step 0
@@ -304,7 +304,7 @@ def test_router_warnings_are_one_line_per_layer_at_any_E():
     E = 64
     load = torch.ones(2, E)
     load[0, [3, 7, 9]] = 0  # three starving experts in layer 0, none in layer 1
-    lines = router_report("step:5/10", load, load, {})
+    lines, fields = router_report("step:5/10", load, load, {})
     warnings = [l for l in lines if "warning" in l]
     assert len(lines) == 3 and len(warnings) == 1
     assert warnings[0] == ("step:5/10 warning: layer 0 experts 3,7,9 val_load 0.0000,0.0000,0.0000 below a quarter "
@@ -312,14 +312,12 @@ def test_router_warnings_are_one_line_per_layer_at_any_E():
 
 
 def test_the_slow_path_is_announced_once_in_the_log(tmp_path):
-    from train_gpt2 import Runtime, RunLog, log_setup
+    from train_gpt2 import Runtime, RunLog
 
     def setup_lines(compiled: bool, dtype: torch.dtype, experts: int) -> list[str]:
         args = Hyperparameters(num_experts=experts, log_dir=str(tmp_path / f"{compiled}{dtype}{experts}"))
-        rt = Runtime(rank=0, local_rank=0, world_size=1, distributed=False, device=torch.device("cpu"), dtype=dtype,
-                     compile_model=compiled)
-        log = RunLog(args, "run", "source", master=True)
-        log_setup(log, args, rt, seed=1)
+        rt = Runtime(rank=0, world_size=1, device=torch.device("cpu"), dtype=dtype, compile_model=compiled)
+        log = RunLog(args, rt)
         return [l for l in open(log.path).read().splitlines() if l.startswith("warning")]
 
     (warning,) = setup_lines(True, torch.float32, 4)
@@ -355,7 +353,7 @@ def test_readme_configurations_have_the_dense_models_active_mlp_flops_and_their_
     tokens = 16
     flops = {}
     for label, flags, total_m, active_m in rows:
-        config = GPTConfig(**flags)
+        config = Hyperparameters(**flags)
         with torch.device("meta"):  # exact parameter counts of the full model, without its memory
             model = GPT(config)
         total = sum(p.numel() for p in model.parameters())

@@ -85,12 +85,12 @@ FULL_SIZE = {  # E4 top-1 is the seed's MoE; the shared expert makes 8 Muon matr
 def test_muon_gives_each_of_8_ranks_about_the_same_newton_schulz_flops(capsys):
     """At full size on 8 ranks: max / mean of the FLOPs each rank owns, round-robin (the record's rule) against
     balanced by cost (ours). Round-robin lands every layer's expert stacks on the same ranks."""
-    from train_gpt2 import GPT, GPTConfig, Hyperparameters, make_optimizers, newton_schulz_flops
+    from train_gpt2 import GPT, Hyperparameters, make_optimizers, newton_schulz_flops
     rows = []
     for name, kw in FULL_SIZE.items():
         args = Hyperparameters(**kw)
         with torch.device("meta"):
-            model = GPT(GPTConfig.from_args(args))
+            model = GPT(args)
         muon = make_optimizers(model, args)[2]
         owned_before, owned_after = [0] * 8, [0] * 8
         for group in muon.param_groups:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt2
+from compare import parse_router_line
 from conftest import ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses, val_losses
 from test_moe import config, randomise
 from train_gpt2 import GPT, Hyperparameters, LearnedRouter, Muon, Router, make_optimizers, register_router
@@ -163,7 +164,7 @@ def test_a_router_registered_in_a_test_file_trains(sigmoid_router, shards, tmp_p
     _, lines = run_log(tmp_path)
     val = val_losses(lines)
     assert sorted(val) == [0, 15, 30] and val[30] < val[0] - 0.5
-    reports = list(filter(None, map(train_gpt2.parse_router_line, lines)))
+    reports = list(filter(None, map(parse_router_line, lines)))
     last = [fields for step, layer, fields in reports if step == 30]
     assert len(last) == 2 and all(f["ce_grad_norm"] > 0 for f in last)  # its weights learn from the loss
     assert not any("entropy" in f or "balance_grad_norm" in f for f in last)  # it gave no such statistics

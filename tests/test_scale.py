@@ -7,7 +7,7 @@ import torch
 import train_gpt2
 
 from conftest import TINY, data_flags, run_log, torchrun, train_losses
-from train_gpt2 import GPT, GPTConfig, Hyperparameters, Muon, make_optimizers
+from train_gpt2 import GPT, Hyperparameters, Muon, make_optimizers
 
 SMALL = dict(vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -56,8 +56,8 @@ def trajectories(model_kw: dict, s: float, steps: int = 20) -> dict:
     Muon lr x s; unscaled with the plain lr (the control). Returns each one's losses and model."""
     args = Hyperparameters(**SMALL, **model_kw, muon_lr=0.05)
     torch.manual_seed(0)
-    scaled = GPT(GPTConfig.from_args(Hyperparameters(**SMALL, **model_kw, mlp_output_scale=s)))
-    plain, control = GPT(GPTConfig.from_args(args)), GPT(GPTConfig.from_args(args))
+    scaled = GPT((Hyperparameters(**SMALL, **model_kw, mlp_output_scale=s)))
+    plain, control = GPT(args), GPT(args)
     plain.load_state_dict(scaled.state_dict())
     control.load_state_dict(scaled.state_dict())
     return dict(scaled=(train(scaled, make_optimizers(scaled, args, torch.float32), steps), scaled),
@@ -93,12 +93,12 @@ def test_output_scale_equals_scaling_the_out_projections_muon_lr(model_kw, monke
 
 def test_scale_one_is_the_unscaled_model_bit_for_bit():
     torch.manual_seed(0)
-    a = GPT(GPTConfig(**SMALL, num_experts=4))
+    a = GPT(Hyperparameters(**SMALL, num_experts=4))
     for block in a.transformer.h:  # non-zero out-projections and head, so that the MLP branch shows
         torch.nn.init.normal_(block.mlp.c_proj, std=0.05)
     torch.nn.init.normal_(a.lm_head.weight, std=0.05)
-    b, half = GPT(GPTConfig(**SMALL, num_experts=4, mlp_output_scale=1.0)), GPT(
-        GPTConfig(**SMALL, num_experts=4, mlp_output_scale=0.5))
+    b, half = GPT(Hyperparameters(**SMALL, num_experts=4, mlp_output_scale=1.0)), GPT(
+        Hyperparameters(**SMALL, num_experts=4, mlp_output_scale=0.5))
     b.load_state_dict(a.state_dict())
     half.load_state_dict(a.state_dict())
     x = torch.randint(0, 64, (2, 16))
@@ -108,7 +108,7 @@ def test_scale_one_is_the_unscaled_model_bit_for_bit():
 
 def test_output_scale_multiplies_the_mlp_branch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, mlp_output_scale=0.25))
+    model = GPT(Hyperparameters(**SMALL, mlp_output_scale=0.25))
     block = model.transformer.h[0]
     torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
     x = torch.randn(2, 8, 32)

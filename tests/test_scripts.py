@@ -3,7 +3,7 @@ import os
 import subprocess
 
 from conftest import ROOT, run_log, val_losses
-from train_gpt2 import parse_step_line
+from compare import parse_step_line
 
 
 def launch(script, *args, nproc=2, timeout=300):

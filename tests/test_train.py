@@ -7,7 +7,8 @@ import torch
 
 from conftest import (LN_TINY_VOCAB, ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses,
                       val_losses)
-from train_gpt2 import get_lr, parse_args, parse_step_line
+from compare import parse_step_line
+from train_gpt2 import get_lr, parse_args
 
 
 def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):

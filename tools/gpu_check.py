@@ -4,9 +4,9 @@ cache, that keeps every figure it earns: each stage's results are written the mo
 SIGTERM or Ctrl-C), a failed stage does not stop the stages after it, and a stage that overruns its time is
 ended with its whole process tree.
 
-    python gpu_check.py                        # the default stages, into records/<date>_<device>/
-    python gpu_check.py --out DIR --stages tests,bench,bench_b32
-    python gpu_check.py --dry                  # the same stages at tiny sizes on the CPU (the tests run this)
+    python tools/gpu_check.py                        # the default stages, into records/<date>_<device>/
+    python tools/gpu_check.py --out DIR --stages tests,bench,bench_b32
+    python tools/gpu_check.py --dry                  # the same stages at tiny sizes on the CPU (the tests run this)
 
 Stages (in order; * = not run unless named in --stages):
   preflight  every import and tool the stages need, CUDA, free disk: what is missing, in one line
@@ -41,8 +41,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "records"))
+from compare import fmt  # noqa: E402
 
 # model and batch of the bench and the end-to-end runs: the same, so that the e2e runs reuse the bench's
 # compiled kernels from the shared inductor cache
@@ -348,7 +350,7 @@ def bench_stage(batch: int):
         sizes = check.sizes
         flags = ([*sizes["flags"], "--vocab_size", str(sizes["vocab_size"]), "--sequence_length",
                   str(sizes["sequence_length"]), "--steps", "2", "--warmup", "1"] if check.dry else ["--steps", "20"])
-        cmd = [sys.executable, "bench.py", "--no-layer", *flags, "--device_batch_size",
+        cmd = [sys.executable, "tools/bench.py", "--no-layer", *flags, "--device_batch_size",
                str(batch if not check.dry else sizes["batch"]), "--json", str(json_path)]
         status, text = check.run(name, cmd)
         figures = json.loads(json_path.read_text()) if json_path.is_file() else None
@@ -395,7 +397,7 @@ def e2e_stage(script: str, extra_flags: list[str]):
         signalled = []
 
         def stop_when_trained(line, proc):  # SIGTERM once a step after stop_after is logged
-            from train_gpt2 import parse_step_line
+            from compare import parse_step_line
             parsed = parse_step_line(line.strip())
             if parsed and parsed.kind == "train" and parsed.step >= sizes["stop_after"] and not signalled:
                 proc.send_signal(signal.SIGTERM)  # run.sh hands it to the workers
@@ -420,7 +422,7 @@ def e2e_stage(script: str, extra_flags: list[str]):
 
 def check_log(text: str, mode: str, steps: int, cuda: bool) -> dict:
     """What a healthy run's log shows; a CheckFailed naming the first thing missing."""
-    from train_gpt2 import parse_peak_memory, parse_router_line, parse_step_line
+    from compare import parse_peak_memory, parse_router_line, parse_step_line
     lines = text.splitlines()
     parsed = [s for s in map(parse_step_line, lines) if s]
     val = {s.step: s.loss for s in parsed if s.kind == "val"}
@@ -464,10 +466,6 @@ def plan_text(stages: list[Stage], dry: bool, budget_s: float) -> str:
         lines.append(f"  {s.name:<10} {s.cap_s[dry]:>5}s {'-' if dry else str(s.estimate_s) + 's':>9}  "
                      f"{s.processes:<34} {s.planned(dry)}: {what}")
     return "\n".join(lines)
-
-
-def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def summary_markdown(s: dict) -> str:
@@ -564,7 +562,7 @@ def main(argv=None) -> int:
         args.out = str(ROOT / "records" / f"{date}_{slug}")
     check = Check(args, stages)
     check.summary.update(device=device, torch=torch_version, cuda=cuda_version, date=date, budget_s=args.budget_s,
-                         command=" ".join(["python", "gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
+                         command=" ".join(["python", "tools/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]))
     print(f"gpu_check: {device}, torch {torch_version}, CUDA {cuda_version}; results into {check.out}", flush=True)
 
     def interrupted(signum, frame):  # end the running stage's processes, keep what was learned, leave

@@ -4,9 +4,9 @@ model, optimizers, runtime (precision, compile, attention backend) and train_ste
 finds it times the whole train step, the optimizer step alone and (optionally) the MLP layer alone, and
 counts graph breaks, recompiles and host syncs of the compiled step.
 
-    python bench.py                          # CPU: --size small, eager float32; CUDA: the trainer's full size, compiled bf16
-    python bench.py --device_batch_size 32   # any trainer flag: it sets the MoE (default: the seed's, as run_moe.sh)
-    python bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
+    python tools/bench.py                          # CPU: --size small, eager float32; CUDA: the trainer's full size, compiled bf16
+    python tools/bench.py --device_batch_size 32   # any trainer flag: it sets the MoE (default: the seed's, as run_moe.sh)
+    python tools/bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
 
 The dense model is the MoE's flags with a dense MLP. It prints a markdown table with the MoE/dense ratios and
 writes the same figures as JSON. The MoE wins in wall-clock only if its train step costs less than 1.125x
@@ -16,16 +16,19 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from train_gpt2 import (GPT, MLP, GPTConfig, Hyperparameters, MoE, ROUTERS, TrainClock, TrainState, build_parser,
-                        check_args, make_optimizers, objective, setup_runtime, train_step, wrap_model)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
+from compare import fmt  # noqa: E402
+from train_gpt2 import (GPT, MLP, Hyperparameters, MoE, ROUTERS, TrainClock, TrainState, build_parser,  # noqa: E402
+                        check_args, cpu_model, make_optimizers, objective, setup_runtime, train_step, wrap_model)
 
 # the trainer's defaults are the full size; small is a CPU-sized model (flags given on the command line win)
 SMALL = dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8)
@@ -42,21 +45,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+def flops_per_token(config: Hyperparameters, seq_len: int) -> float:
     """Training FLOPs per token (PaLM's count): 6 x the matmul parameters a token uses, plus attention's
     12 x layers x width x sequence length. The MoE's active parameters are top_k experts, the shared expert
     and the router's parameters: an MLP of width top_k x expert_hidden + shared_expert_hidden, plus the router."""
     C, L = config.n_embd, config.n_layer
     moe = config.num_experts > 1
-    mlp = 2 * C * ((config.top_k if moe else 1) * config.expert_width + config.shared_expert_hidden)
+    mlp = 2 * C * ((config.top_k if moe else 1) * config.mlp_hidden + config.shared_expert_hidden)
     with torch.device("meta"):
         router = sum(p.numel() for p in ROUTERS[config.router](config).parameters()) if moe else 0
     active = L * (4 * C * C + mlp + router) + config.vocab_size * C
@@ -143,14 +138,14 @@ class FixedBatch:
 def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
     """The trainer's train_step (one micro-batch) and optimizer step on one model; the figures as a dict."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_args(args)).to(rt.device)
+    model = GPT(args).to(rt.device)
     optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
     wrapped = wrap_model(model, rt)
     state = TrainState(model, optimizers, FixedBatch(args, rt.device), TrainClock())
     health = GraphHealth() if rt.compile_model else None
 
     def step():
-        train_step(0, wrapped, state, args, rt)
+        train_step(wrapped, state, 1.0, args, rt)
 
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -175,7 +170,7 @@ def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
 
 def bench_layer(args: Hyperparameters, rt, bench_args, timer: Timer) -> float:
     """Forward and backward of one MLP layer (dense) or MoE layer at the model's shapes, on normalised input."""
-    config = GPTConfig.from_args(args)
+    config = args
     torch.manual_seed(0)
     layer = (MLP(config) if config.num_experts == 1 else MoE(config)).to(rt.device)
     torch.nn.init.normal_(layer.c_proj.weight if config.num_experts == 1 else layer.c_proj, std=0.02)
@@ -233,7 +228,7 @@ def main(argv=None):
     rt = setup_runtime(moe_args)
     timer = Timer(rt.device)
     peak = bench_args.peak_tflops or device_peak_tflops(rt.device)
-    device_name = torch.cuda.get_device_name(rt.device) if rt.cuda else cpu_name()
+    device_name = torch.cuda.get_device_name(rt.device) if rt.cuda else cpu_model()
     print(f"device: {device_name} ({os.cpu_count()} CPUs), torch {torch.__version__}, size {bench_args.size}, "
           f"{str(rt.dtype)[6:]}, {'compiled' if rt.compile_model else 'eager'}, attention {rt.attention}, "
           f"{moe_args.device_batch_size} x {moe_args.sequence_length} tokens per step", flush=True)
@@ -251,15 +246,12 @@ def main(argv=None):
     def ratio(key):
         d, m = results["dense"].get(key), results["moe"].get(key)
         return m / d if d and m is not None else None
-
-    def cell(v, spec):
-        return "-" if v is None else format(v, spec)
     shape = (f", H={moe_args.expert_hidden}" if moe_args.expert_hidden else "") + (
         f", shared {moe_args.shared_expert_hidden}" if moe_args.shared_expert_hidden else "")
     print(f"\n| measure | dense | MoE (E={moe_args.num_experts}, top-{moe_args.top_k}{shape}) | MoE/dense |\n|---|---|---|---|")
     for label, key, spec in ROWS:
-        print(f"| {label} | {cell(results['dense'].get(key), spec)} | {cell(results['moe'].get(key), spec)} | "
-              f"{cell(ratio(key), '.3f') if key not in UNRATIOED else ''} |")
+        print(f"| {label} | {fmt(results['dense'].get(key), spec)} | {fmt(results['moe'].get(key), spec)} | "
+              f"{fmt(ratio(key), '.3f') if key not in UNRATIOED else ''} |")
     print(f"\nMoE/dense train step: {ratio('step_ms'):.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
     if bench_args.json:
         write_json(bench_args, moe_args, rt, device_name, peak, results)
