@@ -3,10 +3,12 @@
 #   one process per visible GPU, one CPU process when there is none; NPROC=n overrides
 #   multi-node: NNODES=n RDZV_ENDPOINT=host:port on every node (see README)
 #   --smoke anywhere in the arguments: generate a small synthetic language and train a tiny model on it
-# Every other argument passes through to train_gpt2.py; later flags win over earlier ones.
+#   SCRIPT=path: another copy of the trainer (records/ab.py runs a git ref's); CHECK_ONLY=1: check, don't train
+# Every other argument passes through to the trainer; later flags win over earlier ones.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+SCRIPT=${SCRIPT:-train_gpt2.py}
 
 args=() smoke=0
 for a in "$@"; do
@@ -31,12 +33,13 @@ else
 fi
 
 # check the flags and the data first, so a typo costs one line and no launch
-WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" train_gpt2.py --check_only ${args[@]+"${args[@]}"} >/dev/null
+WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" "$SCRIPT" --check_only ${args[@]+"${args[@]}"} >/dev/null
+[[ -z "${CHECK_ONLY:-}" ]] || exit 0
 # torchrun treats SIGTERM and SIGINT as fatal to itself and exits non-zero even when its workers stop
 # cleanly. So it runs in a session of its own (a terminal's Ctrl-C does not reach it) and this script hands
 # the signal to the workers, which agree, checkpoint at the next step boundary and exit 0. torchrun is
 # started as a module of $PYTHON, so it need not be on PATH.
-setsid "$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$NPROC" train_gpt2.py \
+setsid "$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$NPROC" "$SCRIPT" \
   ${args[@]+"${args[@]}"} &
 launcher=$!
 forward() {  # signal $1 to the launcher's children (the workers), found in /proc: no pkill (procps) needed

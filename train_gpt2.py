@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import itertools
 import math
 import os
@@ -42,6 +43,8 @@ class Hyperparameters:
     # data
     input_bin: str = flag("data/fineweb10B/fineweb_train_*.bin", "glob of the training shards", run_control=True)
     input_val_bin: str = flag("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards", run_control=True)
+    data_seed: int = flag(0, "training data order: 0 the shards in name order from their first token (the record), "
+                          "else shuffled and each from a random offset", 0, run_control=True)
     # optimization
     batch_size: int = flag(8 * 64, "sequences per optimizer step, summed over all ranks", 1)
     device_batch_size: int = flag(64, "sequences per forward pass on one rank", 1)
@@ -141,14 +144,12 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
                           f"--num_iterations {args.num_iterations}; lower them or train longer")
     per_step = args.device_batch_size * world_size
     if args.batch_size % per_step:
-        raise ConfigError(f"--batch_size {args.batch_size} is not a multiple of --device_batch_size "
-                          f"{args.device_batch_size} x {world_size} ranks = {per_step}; pick a batch_size "
-                          f"that is, or change device_batch_size")
+        raise ConfigError(f"--batch_size {args.batch_size} is not a multiple of --device_batch_size {args.device_batch_size}"
+                          f" x {world_size} ranks = {per_step}; pick a batch_size that is, or change device_batch_size")
     val_chunk = per_step * args.sequence_length
     if args.val_tokens % val_chunk:
-        raise ConfigError(f"--val_tokens {args.val_tokens} is not a multiple of device_batch_size x "
-                          f"sequence_length x {world_size} ranks = {val_chunk}; use "
-                          f"{max(1, args.val_tokens // val_chunk) * val_chunk}")
+        raise ConfigError(f"--val_tokens {args.val_tokens} is not a multiple of device_batch_size x sequence_length x "
+                          f"{world_size} ranks = {val_chunk}; use {max(1, args.val_tokens // val_chunk) * val_chunk}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise ConfigError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
     if args.vocab_size > 65536:
@@ -158,17 +159,13 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
     if not 1 <= args.top_k <= args.num_experts:
         raise ConfigError(f"--top_k {args.top_k} must lie in [1, --num_experts {args.num_experts}]")
     if args.shared_expert_hidden and args.num_experts == 1:
-        raise ConfigError("--shared_expert_hidden needs --num_experts 2 or more; for a wider dense MLP use "
-                          "--expert_hidden")
+        raise ConfigError("--shared_expert_hidden needs --num_experts 2 or more (a wider dense MLP: --expert_hidden)")
     if args.null_expert_bias and args.router_gate != "renorm":
         raise ConfigError(f"--null_expert_bias {args.null_expert_bias} needs --router_gate renorm")
     if args.num_experts > 1:
         ROUTERS[args.router].check_args(args)
-    if args.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
 
 # -----------------------------------------------------------------------------
 # Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al.)
@@ -360,7 +357,8 @@ def register_router(name: str):
 class Router(nn.Module):
     """forward(x [N, C], idx [N] token ids) -> (experts [N, top_k] int64, gates [N, top_k] float32, stats), stats
     what the router can tell: `prob` [E], each expert's mean probability (for the balance loss); `z`, the mean
-    squared logsumexp of the logits (the z-loss); `entropy` over ln E (logged). None without probabilities."""
+    squared logsumexp of the logits (the z-loss); `entropy` over ln E (logged). None without probabilities. A
+    router that takes --router_bias_rate also has update_bias(load, rate), called after each step."""
     name = ""
     summary = ""  # one line for --help
     max_top_k: int | None = None  # how many experts a token can go to (None: any)
@@ -382,10 +380,6 @@ class Router(nn.Module):
                 users = [name for name, kind in ROUTERS.items() if option in kind.takes]
                 raise ConfigError(f"--router {cls.name} does not use --{option} (got {getattr(args, option)}); leave it "
                                   f"at {getattr(defaults, option)}, or use a router that does: {', '.join(users) or 'none'}")
-
-    def update_bias(self, load: torch.Tensor, rate: float):
-        """Auxiliary-loss-free balancing after each step (only routers that take --router_bias_rate)."""
-        raise NotImplementedError
 
 @register_router("learned")
 class LearnedRouter(Router):
@@ -567,33 +561,37 @@ def load_shard(path: str) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(num_tokens,))
 
 class DistributedDataLoader:
-    """Reads [B, T] batches from sorted shards: rank r takes B*T+1 tokens at offset r*B*T of each global
-    chunk of B*T*world tokens. All ranks move to the next shard (cyclically) together, when the next global
-    chunk would not fit."""
+    """Reads [B, T] batches from the shards: rank r takes B*T+1 tokens at offset r*B*T of each global chunk of
+    B*T*world tokens, and all ranks move to the next shard (cyclically) together when the next chunk would not
+    fit. data_seed 0 reads the shards in name order from their first token; another seed shuffles them and
+    starts each at a random offset, reading to its end and then from its start to there (on every rank alike)."""
 
     def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int, num_processes: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", data_seed: int = 0):
         self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
         self.device = torch.device(device)
-        self.files = sorted(glob.glob(filename_pattern))
-        if not self.files:
+        tokens = {path: read_shard_header(path) for path in sorted(glob.glob(filename_pattern))}
+        if not tokens:
             raise ShardError(f"{filename_pattern}: no shard matches; download the data with `{DOWNLOAD_HINT}`")
         self.chunk = B * T * num_processes
-        self.shard_tokens = []
-        for path in self.files:
-            num_tokens = read_shard_header(path)
-            if num_tokens < self.chunk + 1:
-                raise ShardError(f"{path}: {num_tokens} tokens are fewer than one batch needs "
+        for path, n in tokens.items():
+            if n < self.chunk + 1:
+                raise ShardError(f"{path}: {n} tokens are fewer than one batch needs "
                                  f"({B} x {T} x {num_processes} ranks + 1 = {self.chunk + 1})")
-            self.shard_tokens.append(num_tokens)
+        rng = np.random.default_rng(data_seed)
+        self.files = list(tokens)
+        self.files = [self.files[i] for i in rng.permutation(len(tokens))] if data_seed else self.files
+        self.shard_tokens = [tokens[path] for path in self.files]
+        self.starts = [int(rng.integers(0, n - self.chunk)) if data_seed else 0 for n in self.shard_tokens]
         self.reset()
 
     def batches_per_pass(self) -> int:
         """Global batches in one pass over all shards, before the loader wraps around."""
-        return sum((n - 1) // self.chunk for n in self.shard_tokens)
+        return sum((n - s - 1) // self.chunk + max(0, (s - 1) // self.chunk)
+                   for n, s in zip(self.shard_tokens, self.starts))
 
     def reset(self):
-        self.load_state_dict(dict(shard=0, position=0))
+        self.load_state_dict(dict(shard=0, position=self.starts[0]))
 
     def state_dict(self) -> dict:
         return dict(shard=self.current_shard, position=self.current_position)
@@ -605,9 +603,15 @@ class DistributedDataLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.current_position + self.rank * self.B * self.T
         buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+        shard_start = self.starts[self.current_shard]
+        end = len(self.tokens) if self.current_position >= shard_start else shard_start  # of this part of the shard
         self.current_position += self.chunk
-        if self.current_position + self.chunk + 1 > len(self.tokens):
-            self.load_state_dict(dict(shard=(self.current_shard + 1) % len(self.files), position=0))
+        if self.current_position + self.chunk + 1 > end:
+            if end == len(self.tokens) and shard_start >= self.chunk + 1:  # on from the shard's first token
+                self.current_position = 0
+            else:
+                following = (self.current_shard + 1) % len(self.files)
+                self.load_state_dict(dict(shard=following, position=self.starts[following]))
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
@@ -879,9 +883,10 @@ def main(argv=None) -> int:
 # -----------------------------------------------------------------------------
 # Run control: log lines, checkpoints, signals, ranks and devices. A tweak should not need to touch these.
 
-# the fields that fix the parameters' shapes and their optimizers: a checkpoint resumes only into the same ones
+# the fields that fix the parameters' shapes, their optimizers and the data order: a checkpoint resumes only
+# into the same ones
 FIXED_AT_RESUME = ["vocab_size", "n_layer", "n_head", "n_embd", "num_experts", "expert_hidden",
-                   "shared_expert_hidden", "router", "router_optimizer"]
+                   "shared_expert_hidden", "router", "router_optimizer", "data_seed"]
 
 def check_run(args: Hyperparameters) -> dict | None:
     """Check the flags, the shards and the checkpoint to resume from, before any work starts; each problem is a
@@ -923,7 +928,7 @@ def load_checkpoint(args: Hyperparameters) -> dict:
     differ = [f"{name} (checkpoint {saved[name]!r}, now {getattr(args, name)!r})"
               for name in FIXED_AT_RESUME if saved[name] != getattr(args, name)]
     if differ:
-        raise ConfigError(f"--resume {path}: the model or its optimizers differ in " + ", ".join(differ)
+        raise ConfigError(f"--resume {path}: the model, its optimizers or the data order differ in " + ", ".join(differ)
                           + "; resume with the checkpoint's values")
     if checkpoint["step"] > args.num_iterations:
         raise ConfigError(f"--resume {path}: the checkpoint is at step {checkpoint['step']}, beyond "
@@ -1080,7 +1085,7 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     if use_cuda:
         torch.cuda.set_device(device)
         attention = use_record_attention(device, args.n_embd // args.n_head)
-        if compile_model:
+        if compile_model and "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING" not in os.environ:  # the variable wins
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True  # slower compiles, faster kernels
     if "RANK" in os.environ:
@@ -1103,7 +1108,7 @@ def build_run(args: Hyperparameters, rt: Runtime, log: RunLog,
               checkpoint: dict | None) -> tuple[TrainState, DistributedDataLoader, int]:
     """The loaders, the model and its optimizers, with the checkpoint's state over them; and the first step."""
     B, T = args.device_batch_size, args.sequence_length
-    train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device)
+    train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device, args.data_seed)
     val_loader = DistributedDataLoader(args.input_val_bin, B, T, rt.rank, rt.world_size, rt.device)
     log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
         f"validation: {sum(val_loader.shard_tokens):,} tokens")
@@ -1129,12 +1134,9 @@ def finish_run(rt: Runtime, log: RunLog) -> None:
 
 def cpu_model() -> str:
     """The host CPU's name, for the log: step times on a CPU depend on it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return platform.processor() or platform.machine() or "unknown"
 
 class RunLog:
     """logs/<run id>.txt, written by rank 0, and the run's checkpoint folder logs/<run id>/. The log is the

@@ -138,7 +138,7 @@ def test_bad_checkpoints_get_one_clear_line(shards, tiny_checkpoint, tmp_path):
         (["--resume", str(garbage)], f"error: --resume {garbage}: truncated, or not a checkpoint"),
         (["--resume", str(foreign)], f"error: --resume {foreign}: not a checkpoint of this trainer (missing ["),
         (["--resume", str(tiny_checkpoint), "--n_layer", "3", "--num_experts", "4"],
-         f"error: --resume {tiny_checkpoint}: the model or its optimizers differ in n_layer (checkpoint 2, now 3), "
+         f"error: --resume {tiny_checkpoint}: the model, its optimizers or the data order differ in n_layer (checkpoint 2, now 3), "
          f"num_experts (checkpoint 1, now 4); resume with the checkpoint's values"),
         (["--resume", "latest", "--log_dir", str(tmp_path / "empty")],
          f"error: --resume latest: no checkpoint (state_step*.pt) under {tmp_path}/empty/*/"),

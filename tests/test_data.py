@@ -106,3 +106,61 @@ def test_loader_state_round_trips(tmp_path):
     for _ in range(3):
         torch.testing.assert_close(a.next_batch(), b.next_batch())
 
+
+def global_chunks(loaders, steps):
+    """The first token of each global chunk the ranks read together, checking they read one contiguous chunk."""
+    B, T = loaders[0].B, loaders[0].T
+    firsts = []
+    for _ in range(steps):
+        tokens = torch.cat([loader.next_batch()[0].flatten() for loader in loaders])
+        torch.testing.assert_close(tokens, torch.arange(int(tokens[0]), int(tokens[0]) + len(tokens)))
+        assert len({(loader.current_shard, loader.current_position) for loader in loaders}) == 1  # lockstep
+        firsts.append(int(tokens[0]))
+    return firsts
+
+
+def test_a_data_seed_shuffles_the_shards_and_their_start_the_same_on_every_rank(tmp_path):
+    sizes = [1000, 700, 900, 800]
+    arange_shards(tmp_path, sizes)
+    B, T, world = 2, 8, 3  # a global chunk is 48 tokens
+    pattern = str(tmp_path / "*.bin")
+
+    def loaders(seed):
+        return [DistributedDataLoader(pattern, B, T, r, world, data_seed=seed) for r in range(world)]
+
+    record = global_chunks(loaders(0), 10)
+    assert record == [48 * i for i in range(10)]  # data_seed 0: the record's order, from the first token
+    passes, orders = {}, {}
+    for seed in (1, 2, 3):
+        ranks = loaders(seed)
+        per_pass = ranks[0].batches_per_pass()
+        firsts = global_chunks(ranks, 2 * per_pass)
+        assert firsts[:per_pass] == firsts[per_pass:]  # a pass, then the same pass again
+        passes[seed] = firsts[:per_pass]
+        # each shard is read from a random start to its end, then from its first token back to that start:
+        # every chunk lies inside one shard, no token is read twice in a pass, and at most two chunks' worth
+        # of tokens per shard are left out
+        bounds = np.cumsum([0] + sizes)
+        shard_of = [int(np.searchsorted(bounds, f, side="right")) - 1 for f in firsts[:per_pass]]
+        assert all(f + 49 <= bounds[s + 1] for f, s in zip(firsts, shard_of))
+        read = sorted(firsts[:per_pass])
+        assert all(b - a >= 48 for a, b in zip(read, read[1:]))
+        assert sum(sizes) - 48 * per_pass < 2 * 49 * len(sizes)
+        visits = [s for i, s in enumerate(shard_of) if i == 0 or s != shard_of[i - 1]]
+        assert sorted(set(visits)) == [0, 1, 2, 3]
+        orders[seed] = list(dict.fromkeys(visits))
+    assert len({tuple(p) for p in passes.values()}) == 3  # each seed its own order
+    assert any(order != [0, 1, 2, 3] for order in orders.values())  # shards shuffled
+    assert passes[1] == global_chunks(loaders(1), len(passes[1]))  # the same seed, the same order
+    assert any(p[0] % 48 for p in passes.values())  # starts that are not on the record's chunk grid
+
+
+def test_a_data_seed_resumes_exactly_from_the_loader_state(tmp_path):
+    arange_shards(tmp_path, [300, 250, 400])
+    a = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 1, 3, data_seed=7)
+    for _ in range(9):  # across shard boundaries and the wrap inside a shard
+        a.next_batch()
+    b = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 1, 3, data_seed=7)
+    b.load_state_dict(a.state_dict())
+    for _ in range(12):
+        torch.testing.assert_close(a.next_batch(), b.next_batch())

@@ -18,7 +18,8 @@ def test_resume_continues_exactly(shards, tmp_path):
     """2 processes, float32: 20 steps straight equal 10 steps, a resume, and 10 more."""
     common = [*RUN, *data_flags(shards), "--num_iterations", "20", "--seed", "3", "--num_experts", "4",
               "--top_k", "2", "--router_gate", "prob", "--aux_loss_coef", "0.01", "--router_bias_rate", "0.01",
-              "--router_optimizer", "adam"]  # an MoE with moving router biases: every piece of state matters
+              "--router_optimizer", "adam", "--data_seed", "5"]  # an MoE with moving router biases and a
+    # shuffled data order: every piece of state matters
     straight = tmp_path / "straight"
     result = torchrun(2, [*common, "--save_every", "10", "--log_dir", str(straight)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,16 +156,19 @@ def test_divergence_stops_every_rank_and_keeps_the_last_checkpoint(shards, tmp_p
     assert int(line.split("/")[0].split(":")[1]) >= last["step"]
 
 
-def test_the_same_seed_gives_the_same_losses(shards, tmp_path):
-    runs = {}
-    for name, seed in [("a", "11"), ("b", "11"), ("c", "12")]:
+def test_the_same_seeds_give_the_same_losses_and_a_data_seed_changes_the_data(shards, tmp_path):
+    runs, first_batch = {}, {}
+    for name, seed, data_seed in [("a", "11", "0"), ("b", "11", "0"), ("c", "12", "0"), ("d", "11", "5"),
+                                  ("e", "11", "5")]:
         result = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "5", "--seed", seed,
-                              "--log_dir", str(tmp_path / name)])
+                              "--data_seed", data_seed, "--log_dir", str(tmp_path / name)])
         assert result.returncode == 0
         _, lines = run_log(tmp_path / name)
-        assert f"seed:{seed} " in "\n".join(lines)
+        assert f"seed:{seed} " in "\n".join(lines) and f"'data_seed': {data_seed}" in "\n".join(lines)
         runs[name] = train_losses(lines)
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+    # the step-1 loss is ln(V) whatever the data (the head starts at zero); from step 2 the data shows
+    assert runs["d"] == runs["e"] and all(runs["d"][s] != runs["a"][s] for s in range(2, 6))
 
 
 def test_a_drawn_seed_is_logged_and_reproduces(shards, tmp_path):
