@@ -1,0 +1,221 @@
+"""
+A/B test of a tweak in one command: the working tree's train_gpt2.py ("new") against a git ref's ("base",
+HEAD by default), with the same flags, N runs a side, interleaved new, base, new, base, ... so that a drift
+of the machine's speed falls on both sides alike. Run i of each side uses --seed and --data_seed S+i (S =
+--seed_offset), so the pairs are matched: the same initialisation and the same data order.
+
+    python records/ab.py --runs 6 -- --num_iterations 500            # new vs HEAD, any trainer flags after --
+    python records/ab.py --base main~3 --runs 3 --target 3.28 -- ...  # against another commit
+    python records/ab.py --same_script --new_flags "--mlp_output_scale 0.3" --runs 6 -- ...  # flags only
+
+It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test, the
+step_avg ratio, the time-to-target ratio where both sides reach the target, and the speedrun's rule for a
+record claim (mean below the target, one-sided p < 0.01). Ctrl-C stops the running pair cleanly; the pairs
+already done still give the table, and `--table DIR` prints it again later. Needs scipy.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "records"))
+from compare import (LogError, fmt, markdown, mean_sd, one_sided_p_value, parse_log,  # noqa: E402
+                     scipy_stats, welch_test)
+
+MANIFEST = "ab.json"  # which log is which side and pair
+
+
+def base_script(ref: str, out: Path) -> Path:
+    """REF's train_gpt2.py, written into the results folder (the log begins with its source anyway)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"error: --base {ref}: not a git ref here ({sha.stderr.strip().splitlines()[-1]})")
+    source = subprocess.run(["git", "show", f"{sha.stdout.strip()}:train_gpt2.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    path = out / f"train_gpt2_{sha.stdout.strip()}.py"
+    path.write_text(source)
+    return path
+
+
+def launcher(script: Path, nproc: int | None, check_only: bool = False) -> dict:
+    """run.sh's environment for a run of this script (run.sh expands --smoke and checks the flags first)."""
+    env = {**os.environ, "SCRIPT": str(script), **({"NPROC": str(nproc)} if nproc else {})}
+    return {**env, "CHECK_ONLY": "1"} if check_only else env
+
+
+def check_side(name: str, script: Path, flags: list[str], nproc: int | None) -> None:
+    """The side's flags and data, checked by its own script before any run starts."""
+    result = subprocess.run(["bash", str(ROOT / "run.sh"), *flags], cwd=ROOT, capture_output=True, text=True,
+                            env=launcher(script, nproc, check_only=True))
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        raise SystemExit(f"error: the {name} side ({script.name}) refuses its flags: {lines[-1]}")
+
+
+def run_once(flags: list[str], env: dict) -> int:
+    """One training run through run.sh, in a session of its own; Ctrl-C asks it to checkpoint and stop (run.sh
+    hands SIGTERM to the workers), then re-raises."""
+    proc = subprocess.Popen(["bash", str(ROOT / "run.sh"), *flags], cwd=ROOT, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+
+
+def load_pairs(out: Path) -> tuple[dict, dict]:
+    """The manifest and, per side, {pair: Run} of the finished runs."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    runs = {"new": {}, "base": {}}
+    for entry in manifest["runs"]:
+        if entry.get("log") and (out / entry["log"]).is_file():
+            try:
+                run = parse_log(out / entry["log"])
+            except LogError:  # stopped before its first step
+                continue
+            if run.finished:
+                runs[entry["side"]][entry["pair"]] = run
+    return manifest, runs
+
+
+def paired_test(new: list[float], base: list[float]) -> tuple[float, float]:
+    if len(new) < 2:
+        return float("nan"), float("nan")
+    if len({n - b for n, b in zip(new, base)}) == 1:  # no spread in the differences
+        return float("nan"), 0.0 if new[0] != base[0] else 1.0
+    result = scipy_stats().ttest_rel(new, base)
+    return float(result.statistic), float(result.pvalue)
+
+
+def table(out: Path) -> str:
+    manifest, runs = load_pairs(out)
+    target = manifest["target"]
+    pairs = sorted(runs["new"].keys() & runs["base"].keys())
+    lines = [f"A/B in {out}: new = {manifest['new']}, base = {manifest['base']}",
+             f"shared flags: {' '.join(manifest['flags']) or '(none)'}"]
+    rows = []
+    for side in ("new", "base"):
+        finals = [r.final_val for r in runs[side].values()]
+        mean, sd = mean_sd(finals)
+        avgs = [r.val[max(r.val)][2] for r in runs[side].values()]
+        rows.append([side, manifest[side], " ".join(manifest[f"{side}_flags"]) or "-", str(len(finals)),
+                     f"{fmt(mean, '.4f')} ± {fmt(sd, '.4f')}", fmt(sum(avgs) / len(avgs) if avgs else None, ".2f", " ms"),
+                     fmt(one_sided_p_value(finals, target), ".3g")])
+    lines += ["", markdown(["side", "script", "own flags", "n", "final val (mean ± std)", "step_avg",
+                            f"p (mean < {target})"], rows)]
+    new, base = [runs["new"][p].final_val for p in pairs], [runs["base"][p].final_val for p in pairs]
+    diffs = [n - b for n, b in zip(new, base)]
+    welch_t, welch_p = welch_test([r.final_val for r in runs["new"].values()],
+                                  [r.final_val for r in runs["base"].values()])
+    paired_t, paired_p = paired_test(new, base)
+    step_ratios = [runs["new"][p].val[max(runs["new"][p].val)][2] / runs["base"][p].val[max(runs["base"][p].val)][2]
+                   for p in pairs]
+    reach = [(runs["new"][p].crossing(target), runs["base"][p].crossing(target)) for p in pairs]
+    time_ratios = [n[1] / b[1] for n, b in reach if n and b and b[1] > 0]
+    mean_diff, sd_diff = mean_sd(diffs)
+    lines += ["", markdown(["new - base", "value"], [
+        ["matched pairs", str(len(pairs))],
+        ["mean difference of final val (paired)", f"{fmt(mean_diff, '+.4f')} ± {fmt(sd_diff, '.4f')}"],
+        ["Welch's t-test (all finished runs)", f"t = {fmt(welch_t, '.2f')}, p = {fmt(welch_p, '.3g')}"],
+        ["paired t-test", f"t = {fmt(paired_t, '.2f')}, p = {fmt(paired_p, '.3g')}"],
+        ["step_avg ratio (mean over pairs)", fmt(sum(step_ratios) / len(step_ratios) if step_ratios else None, ".3f")],
+        [f"time-to-{target} ratio (pairs where both reach it)",
+         f"{fmt(sum(time_ratios) / len(time_ratios) if time_ratios else None, '.3f')} ({len(time_ratios)} pairs)"],
+    ])]
+    new_finals = [r.final_val for r in runs["new"].values()]
+    p_record = one_sided_p_value(new_finals, target)
+    verdict = ("meets" if len(new_finals) >= 2 and mean_sd(new_finals)[0] < target and p_record < 0.01
+               else "does not meet")
+    lines += ["", f"record rule (mean final val < {target}, one-sided p < 0.01): the new side {verdict} it "
+                  f"(n = {len(new_finals)}, p = {fmt(p_record, '.3g')})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="HEAD", help="the git ref whose train_gpt2.py is the base (default HEAD)")
+    parser.add_argument("--same_script", action="store_true",
+                        help="both sides run the working tree's script and differ only in --new_flags/--base_flags")
+    parser.add_argument("--new_flags", default="", help="trainer flags for the new side only (quoted)")
+    parser.add_argument("--base_flags", default="", help="trainer flags for the base side only (quoted)")
+    parser.add_argument("--runs", type=int, default=3, help="runs a side (default 3)")
+    parser.add_argument("--seed_offset", type=int, default=1,
+                        help="pair i uses --seed and --data_seed seed_offset + i (default 1)")
+    parser.add_argument("--target", type=float, default=3.28, help="the val loss target (default 3.28)")
+    parser.add_argument("--nproc", type=int, help="processes per run (default: run.sh's, one per GPU, else 1)")
+    parser.add_argument("--out", help="the folder for the logs (default logs/ab_<time>)")
+    parser.add_argument("--reuse", metavar="DIR", nargs="+", default=[],
+                        help="earlier A/B folders: a finished run there of the same script, flags and seed is copied, "
+                        "not run again")
+    parser.add_argument("--table", metavar="DIR", help="print the table of an earlier A/B folder and exit")
+    args = parser.parse_args(own)
+    if args.table:
+        print(table(Path(args.table)))
+        return 0
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    out = Path(args.out or ROOT / "logs" / f"ab_{datetime.datetime.now():%Y%m%d_%H%M%S}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    new_script = ROOT / "train_gpt2.py"
+    base = new_script if args.same_script else base_script(args.base, out)
+    sides = {"new": (new_script, shlex.split(args.new_flags)), "base": (base, shlex.split(args.base_flags))}
+    for name, (script, own_flags) in sides.items():
+        check_side(name, script, [*flags, *own_flags, "--data_seed", "1"], args.nproc)
+    manifest = dict(new="working tree", base="working tree" if args.same_script else f"{args.base} ({base.name})",
+                    new_flags=sides["new"][1], base_flags=sides["base"][1], flags=flags, target=args.target,
+                    nproc=args.nproc, runs=[])
+    if (out / MANIFEST).is_file():  # a folder with pairs already done: go on from there
+        manifest["runs"] = json.loads((out / MANIFEST).read_text())["runs"]
+    done = {(e["side"], e["pair"]) for e in manifest["runs"] if e.get("status") == 0}
+    reusable = {(e["script_sha"], tuple(e["flags"])): Path(folder) / e["log"] for folder in args.reuse
+                for e in json.loads((Path(folder) / MANIFEST).read_text())["runs"]
+                if e.get("status") == 0 and e.get("log") and "script_sha" in e}
+    print(f"ab: {args.runs} pairs into {out}", flush=True)
+    try:
+        for pair in range(args.runs):
+            seed = args.seed_offset + pair
+            for side in ("new", "base"):
+                if (side, pair) in done:
+                    continue
+                script, own_flags = sides[side]
+                before = set(out.glob("*.txt"))
+                run_flags = [*flags, *own_flags, "--seed", str(seed), "--data_seed", str(seed), "--log_dir", str(out)]
+                print(f"ab: pair {pair + 1}/{args.runs}, {side}: {script.name} {shlex.join(run_flags)}", flush=True)
+                sha = hashlib.sha1(script.read_bytes()).hexdigest()
+                entry = dict(side=side, pair=pair, seed=seed, status=None, log=None, script_sha=sha,
+                             flags=[*flags, *own_flags, "--seed", str(seed), "--data_seed", str(seed)])
+                manifest["runs"] = [e for e in manifest["runs"] if (e["side"], e["pair"]) != (side, pair)] + [entry]
+                earlier = reusable.get((sha, tuple(entry["flags"])))
+                try:
+                    if earlier:
+                        shutil.copy(earlier, out / earlier.name)
+                        print(f"ab: reused {earlier}", flush=True)
+                        entry["status"] = 0
+                    else:
+                        entry["status"] = "interrupted"  # until the run returns
+                        entry["status"] = run_once(run_flags, launcher(script, args.nproc))
+                finally:
+                    new_logs = sorted(set(out.glob("*.txt")) - before)
+                    entry["log"] = new_logs[0].name if new_logs else None
+                    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                if entry["status"] != 0:
+                    print(f"ab: the {side} run of pair {pair + 1} exited {entry['status']}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nab: interrupted; the table of the pairs done so far:", file=sys.stderr)
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
