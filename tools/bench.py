@@ -168,6 +168,26 @@ def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
     return r
 
 
+def eager_peak_memory(args: Hyperparameters, rt, batch: int) -> float | None:
+    """Peak memory (MiB) of one eager train step at this device batch: model, optimizer state, activations."""
+    if not rt.cuda:
+        return None
+    args = dataclasses.replace(args, device_batch_size=batch, batch_size=batch)
+    torch.manual_seed(0)
+    model = GPT(args).to(rt.device)
+    state = TrainState(model, make_optimizers(model, args, rt.dtype), FixedBatch(args, rt.device), TrainClock())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        train_step(model, state, 1.0, args, rt)
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    except torch.cuda.OutOfMemoryError:
+        return float("inf")
+    finally:
+        del model, state
+        torch.cuda.empty_cache()
+
+
 def bench_layer(args: Hyperparameters, rt, bench_args, timer: Timer) -> float:
     """Forward and backward of one MLP layer (dense) or MoE layer at the model's shapes, on normalised input."""
     config = args
@@ -197,6 +217,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the MLP layer alone, dense vs MoE (two more compiles when compiled)")
     parser.add_argument("--peak_tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--memory_batches", default="", help="comma-separated device batch sizes at which to "
+                        "measure each model's peak memory in one eager train step (CUDA; an upper bound of the "
+                        "compiled step's), e.g. 64,32")
     parser.add_argument("--json", help="write the figures here as JSON")
     bench_args, rest = parser.parse_known_args(argv)
     trainer = build_parser()
@@ -239,20 +262,14 @@ def main(argv=None):
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12) if peak else None
         if bench_args.layer:
             r["layer_ms"] = bench_layer(args, rt, bench_args, timer)
+        for batch in filter(None, bench_args.memory_batches.split(",")):
+            r[f"peak_memory_mib_eager_b{batch}"] = eager_peak_memory(args, rt, int(batch))
         print(f"{mode}: done", flush=True)
         if bench_args.json:  # the figures so far survive a later failure
             write_json(bench_args, moe_args, rt, device_name, peak, results)
 
-    def ratio(key):
-        d, m = results["dense"].get(key), results["moe"].get(key)
-        return m / d if d and m is not None else None
-    shape = (f", H={moe_args.expert_hidden}" if moe_args.expert_hidden else "") + (
-        f", shared {moe_args.shared_expert_hidden}" if moe_args.shared_expert_hidden else "")
-    print(f"\n| measure | dense | MoE (E={moe_args.num_experts}, top-{moe_args.top_k}{shape}) | MoE/dense |\n|---|---|---|---|")
-    for label, key, spec in ROWS:
-        print(f"| {label} | {fmt(results['dense'].get(key), spec)} | {fmt(results['moe'].get(key), spec)} | "
-              f"{fmt(ratio(key), '.3f') if key not in UNRATIOED else ''} |")
-    print(f"\nMoE/dense train step: {ratio('step_ms'):.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
+    print("\n" + table(results, moe_args))
+    print(f"\nMoE/dense train step: {ratios(results)['step_ms']:.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
     if bench_args.json:
         write_json(bench_args, moe_args, rt, device_name, peak, results)
         print(f"wrote {bench_args.json}")
@@ -267,20 +284,48 @@ ROWS = [("MLP layer fwd+bwd (ms)", "layer_ms", ".2f"), ("train step (ms, median)
 UNRATIOED = {"graph_breaks", "recompiles", "host_syncs_per_step"}
 
 
-def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict):
-    """The figures with what produced them; complete=False until both models are done."""
+def rows(results: dict) -> list[tuple[str, str, str]]:
+    """ROWS, and a row for each eager peak-memory batch measured."""
+    batches = sorted({k for r in results.values() for k in r if k.startswith("peak_memory_mib_eager_b")},
+                     key=lambda k: -int(k.rsplit("b", 1)[1]))
+    return ROWS + [(f"peak memory, eager step at batch {k.rsplit('b', 1)[1]} (MiB)", k, ",.0f") for k in batches]
+
+
+def ratios(results: dict) -> dict:
+    """MoE/dense for every row that has both."""
     def ratio(key):
         d, m = results.get("dense", {}).get(key), results.get("moe", {}).get(key)
-        return m / d if d and m is not None else None
+        return m / d if d and m is not None and key not in UNRATIOED else None
+    return {key: ratio(key) for _, key, _ in rows(results)}
+
+
+def table(results: dict, meta) -> str:
+    """The markdown table of the figures (meta: the MoE's Hyperparameters, or the JSON's meta)."""
+    get = meta.get if isinstance(meta, dict) else lambda k: getattr(meta, k)
+    shape = (f", H={get('expert_hidden')}" if get("expert_hidden") else "") + (
+        f", shared {get('shared_expert_hidden')}" if get("shared_expert_hidden") else "")
+    lines = [f"| measure | dense | MoE (E={get('num_experts')}, top-{get('top_k')}{shape}) | MoE/dense |",
+             "|---|---|---|---|"]
+    ratio = ratios(results)
+    for label, key, spec in rows(results):
+        lines.append(f"| {label} | {fmt(results.get('dense', {}).get(key), spec)} | "
+                     f"{fmt(results.get('moe', {}).get(key), spec)} | {fmt(ratio[key], '.3f')} |")
+    return "\n".join(lines)
+
+
+def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict):
+    """The figures with what produced them; complete=False until both models are done."""
+    import torch._inductor.config as inductor_config
     meta = dict(device=device_name, torch=torch.__version__, command=" ".join(["python", *sys.argv]),
                 size=bench_args.size, dtype=str(rt.dtype)[6:], compile=rt.compile_model, attention=rt.attention,
                 device_batch_size=args.device_batch_size, sequence_length=args.sequence_length,
                 num_experts=args.num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
                 shared_expert_hidden=args.shared_expert_hidden, router=args.router, peak_tflops=peak,
+                coordinate_descent_tuning=bool(rt.compile_model and inductor_config.coordinate_descent_tuning),
                 complete="moe" in results)
     tmp = f"{bench_args.json}.tmp"
     with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, results=results, ratios={k: ratio(k) for _, k, _ in ROWS}), f, indent=2)
+        json.dump(dict(meta=meta, results=results, ratios=ratios(results)), f, indent=2)
     os.replace(tmp, bench_args.json)
 
 

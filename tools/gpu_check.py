@@ -1,26 +1,30 @@
 """
-The GPU proof in one command, sized for one call of at most 7 minutes on one H100/H200 with a cold compile
-cache, that keeps every figure it earns: each stage's results are written the moment the stage ends (and on
-SIGTERM or Ctrl-C), a failed stage does not stop the stages after it, and a stage that overruns its time is
-ended with its whole process tree.
+The GPU proof in one command, sized for one call of at most 10 minutes on one H100/H200 with a cold compile
+cache (540 s by default), that keeps every figure it earns: what only a GPU gives comes first, each stage's
+results are written the moment the stage ends (and on SIGTERM or Ctrl-C), a stage ended at its cap still
+hands over what it measured (marked partial), a failed stage does not stop the stages after it, and a stage
+that overruns its time is ended with its whole process tree.
 
     python tools/gpu_check.py                        # the default stages, into records/<date>_<device>/
-    python tools/gpu_check.py --out DIR --stages tests,bench,bench_b32
+    python tools/gpu_check.py --out DIR --stages tests,bench_fast,bench_b32
     python tools/gpu_check.py --dry                  # the same stages at tiny sizes on the CPU (the tests run this)
 
 Stages (in order; * = not run unless named in --stages):
-  preflight  every import and tool the stages need, CUDA, free disk: what is missing, in one line
-  tests      tests/test_cuda.py: the record's GPU settings (cuDNN attention, compiled Newton-Schulz,
-             coordinate-descent tuning), the grouped GEMM in bf16 against a loop for skewed loads, the compiled
-             MoE step without host syncs, DDP over NCCL with an idle expert. Yields pass/fail counts.
-  bench      bench.py at the trainer's full size, compiled bf16, device batch 64, dense vs the seed's MoE.
-             Yields train-step ms and the MoE/dense ratio, tokens/s, MFU, peak memory, optimizer ms, host
-             syncs, graph breaks, recompiles and the attention backend that ran.
-  e2e_moe    ./run_moe.sh at full size on generated shards, compiled (the bench's kernels are in the cache):
-             a validation, a SIGTERM that checkpoints, --resume latest to the end. Yields the val loss at the
-             start and the end, step_avg and peak memory, and that preemption and resume work on the GPU.
-  e2e_dense* the same with ./run_dense.sh, eager (no compile): the dense launcher and its checkpoints.
-  bench_b32* bench.py at device batch 32 (the seed's batch).
+  preflight   every import and tool the stages need, CUDA, free disk, and the toolchain at work: a tiny function
+              compiled on the device (Triton, a C compiler, Python's headers) and cuDNN attention forward and
+              backward at the trainer's shape (head dim 128), with the other backends off. One line if missing.
+  bench_fast  tools/bench.py at the trainer's full size, compiled bf16, device batch 64, dense vs the seed's
+              MoE, with a fast compile (no coordinate-descent tuning): train-step ms and the MoE/dense ratio,
+              tokens/s, MFU, peak memory, optimizer ms, host syncs, graph breaks, recompiles, the attention
+              backend; and the peak memory of one eager step of each model at device batches 64 and 32.
+  tests       tests/test_cuda.py; fails if fewer than its 12 tests pass. Yields pass/fail counts.
+  e2e_moe     ./run_moe.sh at full size on generated shards, compiled as bench_fast (its kernels are in the
+              cache): a validation, a SIGTERM that checkpoints, --resume latest to the end. Yields the val loss
+              at the start and the end, step_avg and peak memory, and that preemption and resume work.
+  bench_tuned tools/bench.py with the record's settings (coordinate-descent tuning: slower compiles, faster
+              kernels) in the time that is left; what it finishes refines bench_fast's figures, labelled.
+  e2e_dense*  the same with ./run_dense.sh, eager (no compile): the dense launcher and its checkpoints.
+  bench_b32*  tools/bench.py at device batch 32 (the seed's batch), fast compile.
 Each stage's compiles are planned (printed at the start) and counted (from torch's structured trace), so a
 change that adds compiles shows in the summary and, under --dry, fails tests/test_gpu_check.py.
 """
@@ -38,12 +42,14 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "records"))
+sys.path.insert(0, str(ROOT / "tools"))
+import bench as bench_tool  # noqa: E402  (one table of its figures)
 from compare import fmt  # noqa: E402
 
 # model and batch of the bench and the end-to-end runs: the same, so that the e2e runs reuse the bench's
@@ -63,38 +69,46 @@ class Stage:
     needs: list  # preflight items it cannot run without
     default: bool = True
     estimate_s: int = 0  # expected GPU seconds with a cold cache (see the README)
+    best_effort: bool = False  # ended at its cap, it is partial, not failed
 
     def planned(self, dry: bool) -> int:
         return sum(counts[1 if dry else 0] for counts in self.compiles.values())
 
 
+EXPECTED_CUDA_TESTS = 12  # tests/test_cuda.py's tests, as pytest collects them (tests/test_gpu_check.py counts)
+BENCH_COMPILES = {"dense model (train graph)": (1, 1), "MoE model (train graph)": (1, 1),
+                  "Newton-Schulz: dense [C,C] static, [4C,C] and [C,4C] dynamic; MoE [E,4C,C], [E,C,4C], [E,C]": (6, 6)}
 STAGES = [
-    Stage("preflight", "imports, tools, CUDA, disk", "1 python", {}, (10, 30), [], estimate_s=5),
-    Stage("tests", "pytest tests/test_cuda.py", "1 pytest", {
-        "grouped GEMM fullgraph (one static, one dynamic shape)": (2, 0),
-        "2-layer MoE model at full width, fullgraph": (1, 0),
-        "Newton-Schulz as the trainer compiles it": (1, 0)},
-        (90, 60), ["torch", "pytest", "CUDA"], estimate_s=80),
-    Stage("bench", "bench.py, device batch 64", "1 python", {
-        "dense model (train graph)": (1, 1), "MoE model (train graph)": (1, 1),
-        "Newton-Schulz: dense [C,C] static, [4C,C] and [C,4C] dynamic; MoE [E,4C,C], [E,C,4C], [E,C]": (6, 6)},
-        (190, 360), ["torch", "CUDA"], estimate_s=190),
+    Stage("preflight", "imports, tools, CUDA, disk; a tiny compile, cuDNN attention", "1 python",
+          {"a tiny function on the device": (1, 1)}, (45, 90), [], estimate_s=25),
+    Stage("bench_fast", "tools/bench.py, batch 64, fast compile; eager memory at 64, 32", "1 python", BENCH_COMPILES,
+          (160, 360), ["torch", "CUDA", "compile"], estimate_s=130),
+    Stage("tests", "pytest tests/test_cuda.py", "1 pytest + 1 spawned rank", {
+        "grouped GEMM fullgraph (one static, one dynamic shape)": (2, 0), "the MoE block, fullgraph": (1, 0),
+        "2-layer MoE model at full width, fullgraph": (1, 0), "Newton-Schulz as the trainer compiles it": (1, 0)},
+        (100, 60), ["torch", "pytest", "CUDA", "compile"], estimate_s=90),
     Stage("e2e_moe", "./run_moe.sh: train, SIGTERM, --resume latest", "2 x (bash, torchrun, 1 worker)", {
         "part 1: eval graph (cold), train graph and 4 Newton-Schulz shapes (warm)": (6, 6),
         "part 2, the resume: the same 6, all warm": (6, 6)},
-        (130, 360), ["torch", "CUDA", "bash", "setsid", "disk"], estimate_s=120),
+        (120, 360), ["torch", "CUDA", "compile", "bash", "setsid", "disk"], estimate_s=90),
+    Stage("bench_tuned", "tools/bench.py, batch 64, the record's tuning, in the time left", "1 python",
+          BENCH_COMPILES, (115, 360), ["torch", "CUDA", "compile"], estimate_s=250, best_effort=True),
     Stage("e2e_dense", "./run_dense.sh --no-compile: train, SIGTERM, --resume latest",
           "2 x (bash, torchrun, 1 worker)", {}, (40, 120), ["torch", "CUDA", "bash", "setsid", "disk"],
           default=False, estimate_s=35),
-    Stage("bench_b32", "bench.py, device batch 32", "1 python", {
+    Stage("bench_b32", "tools/bench.py, batch 32, fast compile", "1 python", {
         "dense and MoE train graphs at batch 32 (cold), Newton-Schulz (warm)": (8, 8)},
-        (120, 360), ["torch", "CUDA"], default=False, estimate_s=110),
+        (120, 360), ["torch", "CUDA", "compile"], default=False, estimate_s=110),
 ]
+FAST_COMPILE = {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "0"}  # the trainer keeps the record's tuning without it
 BY_NAME = {s.name: s for s in STAGES}
 
 
 class CheckFailed(Exception):
     """A stage failed; the message is the one-line reason."""
+
+
+CAP_REACHED = "ended at the stage's cap"
 
 
 # -----------------------------------------------------------------------------
@@ -238,8 +252,8 @@ class Check:
         status, text = run_tagged(cmd, self.tag, {**self.env, "TORCH_TRACE": str(trace), **(env or {})}, output,
                                   self.stage_deadline - time.monotonic(), on_line=on_line)
         if status is None:
-            raise CheckFailed(f"{name}: still running at the stage's limit "
-                              f"({self.stage_limit_s:.0f} s; the budget is --budget_s {self.budget_s:g})")
+            raise CheckFailed(f"{name}: still running at {self.stage_limit_s:.0f} s (the budget is --budget_s "
+                              f"{self.budget_s:g}): {CAP_REACHED}")
         return status, text
 
     def keep(self, name: str):
@@ -272,7 +286,10 @@ class Check:
             self.summary["figures"][stage.name] = fn(self)
             entry["status"] = "ok"
         except CheckFailed as e:
-            entry.update(status="FAILED", reason=str(e))
+            at_cap = str(e).endswith(CAP_REACHED)
+            entry.update(status="partial" if at_cap and stage.best_effort else "FAILED", reason=str(e))
+            if isinstance(self.summary["figures"].get(stage.name), dict):  # what it measured before it stopped
+                self.summary["figures"][stage.name]["partial"] = True
         except Exception as e:  # a fault of the check itself: recorded, and the other stages still run
             entry.update(status="FAILED", reason=f"{type(e).__name__}: {e}"[:300])
         finally:
@@ -297,19 +314,44 @@ for module in ("torch", "numpy", "pytest"):
         found[module] = importlib.import_module(module).__version__
     except Exception:
         pass
-found["CUDA"] = "torch" in found and sys.modules["torch"].cuda.is_available()
+def failure(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+if "torch" in found:
+    import torch
+    found["CUDA"] = torch.cuda.is_available()
+    device = "cuda" if found["CUDA"] else "cpu"
+    try:  # Triton on a GPU (and a C compiler and Python's headers for its launcher), C++ on a CPU
+        torch.compile(lambda x: (2 * x).sin() + 1)(torch.randn(256, device=device))
+        found["compile"] = f"a tiny function compiled on {device}"
+    except Exception as e:
+        found["compile failed"] = failure(e)
+    if found["CUDA"]:  # the record's attention: cuDNN alone, at the trainer's shape, forward and backward
+        try:
+            for backend in ("flash", "mem_efficient", "math"):
+                getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+            q, k, v = (torch.randn(1, 6, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+            torch.cuda.synchronize()
+            found["cuDNN attention"] = "forward and backward, 6 heads of 128, 1024 tokens"
+        except Exception as e:
+            found["cuDNN attention failed"] = failure(e)
 print(json.dumps(found))"""
 
 
 def stage_preflight(check: Check) -> dict:
-    """Try every import and tool the stages need, in one process; a stage that needs a missing one is skipped,
-    saying so."""
-    probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
-    found = json.loads(probe.stdout) if probe.returncode == 0 else {}
+    """Every import and tool the stages need, and the toolchain at work, in one process; a stage that needs a
+    missing one is skipped, saying so. cuDNN attention failing skips nothing (the trainer falls back, and says
+    so), but fails this stage."""
+    status, text = check.run("preflight", [sys.executable, "-c", PROBE])
+    lines = [l for l in text.splitlines() if l.startswith("{")]
+    found = json.loads(lines[-1]) if status == 0 and lines else {}
     missing = [m for m in ("torch", "numpy", "pytest") if m not in found]
     if not check.dry and not found.pop("CUDA", False):
         missing.append("CUDA")
     found.pop("CUDA", None)
+    if "compile" not in found:
+        missing.append("compile")
     for tool in ("bash", "setsid"):
         if shutil.which(tool):
             found[tool] = shutil.which(tool)
@@ -322,14 +364,20 @@ def stage_preflight(check: Check) -> dict:
     if free_gb < (0.5 if check.dry else 10):  # two full-size MoE checkpoints of ~3 GB, caches, traces
         missing.append("disk")
     check.summary["missing"] = missing
+    check.summary["figures"]["preflight"] = found
     if missing:
-        raise CheckFailed(f"missing {', '.join(missing)} (free disk {free_gb:.1f} GB); the stages that need them "
-                          f"are skipped")
+        why = f" ({found['compile failed']})" if "compile failed" in found else ""
+        raise CheckFailed(f"missing {', '.join(missing)}{why} (free disk {free_gb:.1f} GB); the stages that need "
+                          f"them are skipped")
+    if "cuDNN attention failed" in found:
+        raise CheckFailed(f"cuDNN attention failed ({found['cuDNN attention failed']}); the trainer falls back")
     return found
 
 
 def stage_tests(check: Check) -> dict:
-    counts = {}
+    """tests/test_cuda.py; its counts are tallied line by line into the summary, so a stage ended at its cap keeps
+    them. It fails unless every test ran and passed: on a GPU all EXPECTED_CUDA_TESTS, under --dry all skipped."""
+    counts = check.summary["figures"]["tests"] = dict(expected_passed=0 if check.dry else EXPECTED_CUDA_TESTS)
 
     def tally(line, proc):
         m = re.search(r" (PASSED|FAILED|SKIPPED|ERROR)\b", line)
@@ -337,13 +385,16 @@ def stage_tests(check: Check) -> dict:
             counts[m[1].lower()] = counts.get(m[1].lower(), 0) + 1
     status, text = check.run("tests", [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
                                        "tests/test_cuda.py"], on_line=tally)
-    check.summary["figures"]["tests"] = counts  # kept even if the stage fails below
-    if status != 0:
+    ran = sum(counts.get(k, 0) for k in ("passed", "failed", "skipped", "error"))
+    if status not in (0, 5):  # 5: nothing ran, judged below
         raise CheckFailed(f"tests: {last_error_line(text)}")
+    if counts.get("passed", 0) < counts["expected_passed"] or ran != EXPECTED_CUDA_TESTS:
+        raise CheckFailed(f"tests: {counts.get('passed', 0)} passed of {ran} run; the plan expects "
+                          f"{counts['expected_passed']} passed of {EXPECTED_CUDA_TESTS}")
     return counts
 
 
-def bench_stage(batch: int):
+def bench_stage(batch: int, fast_compile: bool = True, memory_batches: str = ""):
     def stage(check: Check) -> dict:
         name = check.current.name
         json_path = check.out / f"{name}.json"
@@ -351,12 +402,17 @@ def bench_stage(batch: int):
         flags = ([*sizes["flags"], "--vocab_size", str(sizes["vocab_size"]), "--sequence_length",
                   str(sizes["sequence_length"]), "--steps", "2", "--warmup", "1"] if check.dry else ["--steps", "20"])
         cmd = [sys.executable, "tools/bench.py", "--no-layer", *flags, "--device_batch_size",
-               str(batch if not check.dry else sizes["batch"]), "--json", str(json_path)]
-        status, text = check.run(name, cmd)
-        figures = json.loads(json_path.read_text()) if json_path.is_file() else None
-        if figures:  # what it measured, even if it failed later
-            check.keep(json_path.name)
-            check.summary["figures"][name] = figures
+               str(batch if not check.dry else sizes["batch"]), "--json", str(json_path),
+               *(["--memory_batches", memory_batches] if memory_batches else [])]
+        try:
+            status, text = check.run(name, cmd, env=FAST_COMPILE if fast_compile else None)
+        finally:  # what it measured (bench.py writes after each model), even if it failed or hit its cap
+            figures = json.loads(json_path.read_text()) if json_path.is_file() else None
+            if figures:
+                figures["meta"]["label"] = ("fast compile (no coordinate-descent tuning)" if fast_compile else
+                                            "the record's settings (coordinate-descent tuning)")
+                check.keep(json_path.name)
+                check.summary["figures"][name] = figures
         if status != 0:
             raise CheckFailed(f"{name}: {last_error_line(text)}")
         moe = figures["results"]["moe"]
@@ -403,11 +459,12 @@ def e2e_stage(script: str, extra_flags: list[str]):
                 proc.send_signal(signal.SIGTERM)  # run.sh hands it to the workers
                 signalled.append(parsed.step)
         try:
-            status, text = check.run(f"{name}_part1", [f"./{script}", *flags], on_line=stop_when_trained)
+            status, text = check.run(f"{name}_part1", [f"./{script}", *flags], on_line=stop_when_trained,
+                                     env=FAST_COMPILE)
             if status != 0 or not signalled:
                 raise CheckFailed(f"the first part exited {status} {'after' if signalled else 'before'} the "
                                   f"SIGTERM: {last_error_line(text)}")
-            status, text = check.run(f"{name}_resume", [f"./{script}", *flags, "--resume", "latest"])
+            status, text = check.run(f"{name}_resume", [f"./{script}", *flags, "--resume", "latest"], env=FAST_COMPILE)
             if status != 0:
                 raise CheckFailed(f"--resume latest failed: {last_error_line(text)}")
         finally:
@@ -449,7 +506,8 @@ def check_log(text: str, mode: str, steps: int, cuda: bool) -> dict:
                 peak_memory_mib=max(peak) if peak else None)
 
 
-RUNNERS = dict(preflight=stage_preflight, tests=stage_tests, bench=bench_stage(64), bench_b32=bench_stage(32),
+RUNNERS = dict(preflight=stage_preflight, tests=stage_tests, bench_fast=bench_stage(64, memory_batches="64,32"),
+               bench_tuned=bench_stage(64, fast_compile=False), bench_b32=bench_stage(32),
                e2e_moe=e2e_stage("run_moe.sh", []), e2e_dense=e2e_stage("run_dense.sh", ["--no-compile"]))
 
 
@@ -460,10 +518,10 @@ RUNNERS = dict(preflight=stage_preflight, tests=stage_tests, bench=bench_stage(6
 def plan_text(stages: list[Stage], dry: bool, budget_s: float) -> str:
     lines = [f"gpu_check: the plan ({'--dry: tiny sizes on the CPU' if dry else 'one GPU, cold cache'}; "
              f"stages end at their caps, the check at {budget_s:g} s):",
-             f"  {'stage':<10} {'cap':>6} {'estimate':>9}  {'processes':<34} compiles"]
+             f"  {'stage':<11} {'cap':>6} {'estimate':>9}  {'processes':<34} compiles"]
     for s in stages:
         what = "; ".join(f"{n[1 if dry else 0]} {k}" for k, n in s.compiles.items() if n[1 if dry else 0]) or "none"
-        lines.append(f"  {s.name:<10} {s.cap_s[dry]:>5}s {'-' if dry else str(s.estimate_s) + 's':>9}  "
+        lines.append(f"  {s.name:<11} {s.cap_s[dry]:>5}s {'-' if dry else str(s.estimate_s) + 's':>9}  "
                      f"{s.processes:<34} {s.planned(dry)}: {what}")
     return "\n".join(lines)
 
@@ -482,26 +540,19 @@ def summary_markdown(s: dict) -> str:
     figures = s["figures"]
     if figures.get("tests"):
         lines += ["", "Tests (`tests/test_cuda.py`): " + ", ".join(f"{n} {k}" for k, n in figures["tests"].items())]
-    for name in ("bench", "bench_b32"):
+    for name in ("bench_fast", "bench_tuned", "bench_b32"):
         bench = figures.get(name)
         if not bench:
             continue
-        meta, r, ratios = bench["meta"], bench["results"], bench["ratios"]
-        lines += ["", f"## {name}: {meta['size']} size, {meta['dtype']}, {'compiled' if meta['compile'] else 'eager'}, "
-                      f"attention {meta.get('attention')}, {meta['device_batch_size']} x {meta['sequence_length']} "
-                      f"tokens per step{'' if meta.get('complete', True) else ' (incomplete)'}", "",
-                  f"`{meta['command']}`", "", "| measure | dense | MoE | MoE/dense |", "|---|---|---|---|"]
-        rows = [("train step (ms)", "step_ms", ".2f"), ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"),
-                ("peak memory (MiB)", "peak_memory_mib", ",.0f"), ("optimizer step (ms)", "optimizer_ms", ".2f"),
-                ("host syncs per step", "host_syncs_per_step", "d"), ("graph breaks", "graph_breaks", "d"),
-                ("recompiles", "recompiles", "d")]
-        for label, key, spec in rows:
-            ratio = ratios.get(key) if key not in ("host_syncs_per_step", "graph_breaks", "recompiles") else None
-            lines.append(f"| {label} | {fmt(r.get('dense', {}).get(key), spec)} | {fmt(r.get('moe', {}).get(key), spec)} | "
-                         f"{fmt(ratio, '.3f')} |")
-        lines += ["", f"MoE/dense train step: {fmt(ratios.get('step_ms'), '.3f')}x (the MoE wins in wall-clock below "
-                      f"1.125x; the target is 1.05x). Dense: {fmt(r.get('dense', {}).get('tokens_per_s'), ',.0f')} tokens/s "
-                      f"on this device; the record ran ~462,000 tokens/s per H100."]
+        meta, r = bench["meta"], bench["results"]
+        done = "partial: " + ", ".join(r) + " only" if bench.get("partial") or not meta.get("complete") else ""
+        lines += ["", f"## {name}: {meta.get('label', '')}{' (' + done + ')' if done else ''}", "",
+                  f"{meta['size']} size, {meta['dtype']}, {'compiled' if meta['compile'] else 'eager'}, attention "
+                  f"{meta.get('attention')}, {meta['device_batch_size']} x {meta['sequence_length']} tokens per step: "
+                  f"`{meta['command']}`", "", bench_tool.table(r, meta)]
+        lines += ["", f"MoE/dense train step: {fmt(bench['ratios'].get('step_ms'), '.3f')}x (the MoE wins in wall-clock "
+                      f"below 1.125x; the target is 1.05x). Dense: {fmt(r.get('dense', {}).get('tokens_per_s'), ',.0f')} "
+                      f"tokens/s on this device; the record ran ~462,000 tokens/s per H100."]
     runs = {k: v for k, v in figures.items() if k.startswith("e2e")}
     if runs:
         lines += ["", "## End to end (one process: train, SIGTERM, `--resume latest`)", "",
