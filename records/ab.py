@@ -74,6 +74,8 @@ def run_once(flags: list[str], env: dict) -> int:
 
 def load_pairs(out: Path) -> tuple[dict, dict]:
     """The manifest and, per side, {pair: Run} of the finished runs."""
+    if not (out / MANIFEST).is_file():
+        raise SystemExit(f"error: {out} has no {MANIFEST}, so it is not an A/B folder (records/ab.py writes one)")
     manifest = json.loads((out / MANIFEST).read_text())
     runs = {"new": {}, "base": {}}
     for entry in manifest["runs"]:
@@ -197,6 +199,7 @@ def main(argv=None) -> int:
                              flags=[*flags, *own_flags, "--seed", str(seed), "--data_seed", str(seed)])
                 manifest["runs"] = [e for e in manifest["runs"] if (e["side"], e["pair"]) != (side, pair)] + [entry]
                 earlier = reusable.get((sha, tuple(entry["flags"])))
+                (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
                 try:
                     if earlier:
                         shutil.copy(earlier, out / earlier.name)

@@ -5,7 +5,7 @@ the line format; the MoE router lines of ours are optional to this reader.
     python records/compare.py records/                      # every log under records/, one table
     python records/compare.py logs/a.txt logs/b.txt --target 3.28
     python records/compare.py records/ --group              # mean, std and p-value per configuration
-    python records/compare.py records/ --group --baseline dense   # and Welch's t-test of each against dense
+    python records/compare.py records/ --group --baseline "dense scale0.01"  # Welch's t-test of each against it
     python records/compare.py records/ --plot curves.png    # needs matplotlib
 
 A log that is empty, foreign (no step lines) or has no validation line is named on stderr and skipped. A
@@ -15,6 +15,7 @@ as unfinished and left out of the --group statistics. The statistics come from s
 import argparse
 import ast
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -181,10 +182,10 @@ def parse_log(path: Path) -> Run:
     cut_off = not text.endswith("\n")
     if cut_off:
         lines = lines[:-1]  # the partial last line
-    source = ""
-    if lines and lines[0] == FENCE:  # the log begins with the script's source, fenced
-        end = lines.index(FENCE, 1) if FENCE in lines[1:] else len(lines)
-        source, lines = "\n".join(lines[1:end]), lines[end + 1:]
+    if not lines or lines[0] != FENCE:
+        raise LogError("not a run log (a run log begins with the script's source, fenced by a line of 100 '=')")
+    end = lines.index(FENCE, 1) if FENCE in lines[1:] else len(lines)
+    source, lines = "\n".join(lines[1:end]), lines[end + 1:]
     num_iterations, val, train, router, hyper, peak = None, {}, {}, {}, None, None
     for line in lines:
         if s := parse_step_line(line):  # a resumed run repeats steps: the last line of a step wins
@@ -351,14 +352,15 @@ def groups_table(runs: list[Run], target: float) -> str:
 
 
 def find_baseline(labels: list[str], wanted: str) -> str:
-    """The configuration label named by --baseline: an exact label, or the only one that contains it."""
+    """The configuration label named by --baseline: an exact label, or the only one that begins with it."""
     if wanted in labels:
         return wanted
-    matches = [label for label in labels if wanted in label]
-    if len(matches) != 1:
-        raise SystemExit(f"error: --baseline {wanted!r} names {'no' if not matches else len(matches)} configurations; "
-                         f"use one of: " + "; ".join(labels))
-    return matches[0]
+    matches = [label for label in labels if label.startswith(wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    closest = matches or difflib.get_close_matches(wanted, labels, n=3, cutoff=0)
+    raise SystemExit(f"error: --baseline {wanted!r} " + (f"begins {len(matches)} labels" if matches else
+                     "is no label") + "; give a whole label, e.g. " + "; ".join(repr(c) for c in closest[:3]))
 
 
 def comparison_table(runs: list[Run], baseline: str) -> str:
@@ -441,7 +443,7 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=3.28, help="the val loss to reach (default: 3.28)")
     parser.add_argument("--group", action="store_true", help="statistics per configuration")
     parser.add_argument("--baseline", metavar="LABEL", help="with --group: Welch's t-test of every configuration "
-                        "against this one (its label, or a part of it that names one, e.g. dense)")
+                        "against this one (its label, or the start of only one label)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot val loss by step and time, and MoE loads")
     args = parser.parse_args(argv)
     runs = load_runs(args.paths)

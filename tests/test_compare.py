@@ -80,13 +80,21 @@ def test_a_log_cut_off_mid_line_is_read_to_its_last_complete_line(tmp_path, caps
 def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_still_prints(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notes.txt").write_text("meeting notes\nnothing to see\n")
+    # a saved stdout of a run: step lines, but not the log (no source): not read as a run
+    (tmp_path / "stdout.txt").write_text("seed:1 world_size:1\nstep:0/100 val_loss:6.0000 train_time:0ms step_avg:nanms\n"
+                                         "step:100/100 val_loss:3.1000 train_time:9ms step_avg:0.10ms\n")
+    (tmp_path / "foreign.txt").write_text("=" * 100 + "\nprint('x')\n" + "=" * 100 + "\nno steps here\n")
     our_log(tmp_path / "trains_only.txt", [], trains=[(1, 5.0)])
     our_log(tmp_path / "good.txt", [(0, 6.0, 0), (100, 3.2, 1000)])
     result = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 0
     assert f"skipped {tmp_path / 'empty.txt'}: empty file" in result.stderr
-    assert f"skipped {tmp_path / 'notes.txt'}: not a training log (no step lines)" in result.stderr
+    not_a_log = "not a run log (a run log begins with the script's source, fenced by a line of 100 '=')"
+    assert f"skipped {tmp_path / 'notes.txt'}: {not_a_log}" in result.stderr
+    assert f"skipped {tmp_path / 'stdout.txt'}: {not_a_log}" in result.stderr
+    assert f"skipped {tmp_path / 'foreign.txt'}: not a training log (no step lines)" in result.stderr
+    assert len(result.stderr.splitlines()) == 5 and "3.1000" not in result.stdout
     assert f"skipped {tmp_path / 'trains_only.txt'}: no validation line" in result.stderr
     assert "good" in result.stdout and "| 3.2000 | 100 |" in result.stdout
     only_bad = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path / "empty.txt")],
@@ -159,8 +167,17 @@ def test_welch_two_sample_test_against_a_baseline(tmp_path, capsys):
     assert fine_row == f"| moe E16 top4 H192 learned renorm | 3 | {ma - mb:+.4f} | {t:.2f} | {p:.3g} | 1.200 |"
     same_row = next(l for l in pairs.splitlines() if l.startswith("| moe E4 top1"))
     assert float(same_row.split(" | ")[4]) > 0.05  # no difference to find there
-    with pytest.raises(SystemExit, match="--baseline 'moe' names 2 configurations; use one of: "):
+    assert compare.main([str(tmp_path), "--baseline", "moe E16"]) == 0  # the start of one label
+    assert "| configuration vs moe E16 top4 H192 learned renorm (n=3) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
         compare.main([str(tmp_path), "--baseline", "moe"])
+    assert str(e.value) == ("error: --baseline 'moe' begins 2 labels; give a whole label, e.g. "
+                            "'moe E16 top4 H192 learned renorm'; 'moe E4 top1 learned renorm'")
+    assert compare.main([str(tmp_path), "--baseline", "dens"]) == 0  # a prefix of 'dense'
+    with pytest.raises(SystemExit) as e:  # a part from the middle names nothing, but the closest are named
+        compare.main([str(tmp_path), "--baseline", "top4"])
+    assert str(e.value).startswith("error: --baseline 'top4' is no label; give a whole label, e.g. ")
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_branch_scale_of_a_null_bias_run_and_of_a_scaled_dense_run(tmp_path):

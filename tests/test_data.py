@@ -109,7 +109,6 @@ def test_loader_state_round_trips(tmp_path):
 
 def global_chunks(loaders, steps):
     """The first token of each global chunk the ranks read together, checking they read one contiguous chunk."""
-    B, T = loaders[0].B, loaders[0].T
     firsts = []
     for _ in range(steps):
         tokens = torch.cat([loader.next_batch()[0].flatten() for loader in loaders])

@@ -157,7 +157,7 @@ def test_divergence_stops_every_rank_and_keeps_the_last_checkpoint(shards, tmp_p
 
 
 def test_the_same_seeds_give_the_same_losses_and_a_data_seed_changes_the_data(shards, tmp_path):
-    runs, first_batch = {}, {}
+    runs = {}
     for name, seed, data_seed in [("a", "11", "0"), ("b", "11", "0"), ("c", "12", "0"), ("d", "11", "5"),
                                   ("e", "11", "5")]:
         result = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "5", "--seed", seed,

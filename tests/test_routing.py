@@ -2,6 +2,7 @@
 the router's optimizer, and the README's flag table."""
 import math
 import re
+import signal
 from dataclasses import fields
 
 import pytest
@@ -160,7 +161,10 @@ def test_a_router_registered_in_a_test_file_trains(sigmoid_router, shards, tmp_p
              "--num_iterations", "30", "--warmdown_iters", "10", "--val_loss_every", "15", "--seed", "3",
              "--log_dir", str(tmp_path)]
     assert "sigmoid: a test router" in train_gpt2.build_parser().format_help()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     assert train_gpt2.main(flags) == 0
+    # main() put back the handlers it found: this process still stops on SIGTERM and Ctrl-C
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     _, lines = run_log(tmp_path)
     val = val_losses(lines)
     assert sorted(val) == [0, 15, 30] and val[30] < val[0] - 0.5
