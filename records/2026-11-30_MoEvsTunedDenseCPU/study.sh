@@ -3,6 +3,7 @@
 #   study.sh tune 0.01            # phase 1: dense and the MoE at one --mlp_output_scale, tuning seeds 101, 102
 #   study.sh confirm S_DENSE S_MOE        # phase 2: 6 fresh matched pairs (seeds 1..6) at the chosen scales
 #   study.sh equal_time S_DENSE S_MOE R   # phase 3: dense trained R x the steps (R: the step_avg ratio), same pairs
+#   study.sh init_only                    # beside: dense at 0.01, seeds 101..103 with the record's data order
 # Needs the corpus: python data/open_english.py. OMP_NUM_THREADS=1 per run (one core a run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,5 +30,11 @@ case "${1:-}" in
     ab --runs 6 --seed_offset 1 --out "$HERE/equal_time" --reuse "$HERE/confirm" \
       --base_flags "--mlp_output_scale ${2:?} --num_iterations $steps --warmdown_iters $warmdown --val_loss_every $steps" \
       --new_flags "$MOE --mlp_output_scale ${3:?}" -- "${COMMON[@]}" --num_iterations $STEPS --warmdown_iters $WARMDOWN ;;
-  *) echo "usage: $0 tune SCALE | confirm S_DENSE S_MOE | equal_time S_DENSE S_MOE RATIO" >&2; exit 2 ;;
+  init_only)  # the spread that seeds varying only the initialisation show, at this size
+    for seed in 101 102 103; do
+      [[ -n $(ls "$HERE/init_only" 2>/dev/null | grep -l . ) ]] && grep -qs "'seed': $seed," "$HERE"/init_only/*.txt && continue
+      NPROC=1 ./run_dense.sh "${COMMON[@]}" --num_iterations $STEPS --warmdown_iters $WARMDOWN --mlp_output_scale 0.01 \
+        --seed $seed --data_seed 0 --log_dir "$HERE/init_only" > /dev/null
+    done ;;
+  *) echo "usage: $0 tune SCALE | confirm S_DENSE S_MOE | equal_time S_DENSE S_MOE RATIO | init_only" >&2; exit 2 ;;
 esac
