@@ -23,9 +23,10 @@ def manifest(out):
     return json.loads((out / "ab.json").read_text())
 
 
-def test_flags_only_ab_runs_matched_interleaved_pairs_and_prints_both_tests(shards, tmp_path):
+def test_an_ab_runs_matched_interleaved_pairs_of_a_refs_script_and_prints_both_tests(shards, tmp_path):
+    """The new side: the working tree's script with a flag; the base: HEAD's script (git show)."""
     out = tmp_path / "ab"
-    result = subprocess.run([*AB, "--same_script", "--new_flags", "--mlp_output_scale 0.5", "--runs", "2",
+    result = subprocess.run([*AB, "--base", "HEAD", "--new_flags", "--mlp_output_scale 0.5", "--runs", "2",
                              "--seed_offset", "7", "--target", "4.5", "--out", str(out), "--",
                              *trainer_flags(shards)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -41,10 +42,14 @@ def test_flags_only_ab_runs_matched_interleaved_pairs_and_prints_both_tests(shar
     assert train_losses((out / runs[0]["log"]).read_text().splitlines())[2] != \
         train_losses((out / runs[2]["log"]).read_text().splitlines())[2]
     diffs = [logs["new", p].final_val - logs["base", p].final_val for p in (0, 1)]
+    head = subprocess.run(["git", "show", "HEAD:train_gpt2.py"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert all(run.source.strip() == (head if side == "base" else (ROOT / "train_gpt2.py").read_text()).strip()
+               for (side, _), run in logs.items())
     table = result.stdout[result.stdout.index("A/B in"):]
-    assert f"| matched pairs | 2 |" in table
+    assert "| matched pairs | 2 |" in table
     assert f"| mean difference of final val (paired) | {sum(diffs) / 2:+.4f} ±" in table
-    for row in ("| new | working tree | --mlp_output_scale 0.5 | 2 |", "| base | working tree | - | 2 |",
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for row in ("| new | working tree | --mlp_output_scale 0.5 | 2 |", f"| base | HEAD (train_gpt2_{sha}.py) | - | 2 |",
                 "Welch's t-test", "paired t-test", "step_avg ratio", "time-to-4.5 ratio",
                 "record rule (mean final val < 4.5, one-sided p < 0.01)"):
         assert row in table, row
@@ -52,16 +57,7 @@ def test_flags_only_ab_runs_matched_interleaved_pairs_and_prints_both_tests(shar
     assert again.returncode == 0 and again.stdout.strip() == table.strip()
 
 
-def test_the_base_side_runs_a_git_refs_script(shards, tmp_path):
-    out = tmp_path / "ab"
-    result = subprocess.run([*AB, "--base", "HEAD", "--runs", "1", "--out", str(out), "--", *trainer_flags(shards, 6)],
-                            cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    head = subprocess.run(["git", "show", "HEAD:train_gpt2.py"], cwd=ROOT, capture_output=True, text=True).stdout
-    base = next(r for r in manifest(out)["runs"] if r["side"] == "base")
-    assert parse_log(out / base["log"]).source.strip() == head.strip()
-    new = next(r for r in manifest(out)["runs"] if r["side"] == "new")
-    assert parse_log(out / new["log"]).source.strip() == (ROOT / "train_gpt2.py").read_text().strip()
+def test_a_base_that_is_no_git_ref_is_one_line(tmp_path):
     bad = subprocess.run([*AB, "--base", "no-such-ref", "--out", str(tmp_path / "bad"), "--"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --base no-such-ref: not a git ref")
