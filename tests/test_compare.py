@@ -274,3 +274,14 @@ def test_a_field_an_older_log_lacks_counts_as_its_default(tmp_path):
     other.write_text(other.read_text().replace("print('source')", "print('older')"))
     labels = list(compare.groups(compare.load_runs([str(tmp_path)])))
     assert any("muon_lr=0.03" in label for label in labels), labels  # a real difference still shows
+
+
+def test_seeds_and_data_seeds_are_seeds_not_configurations(tmp_path):
+    for i, (seed, data_seed) in enumerate([(1, 0), (2, 5), (3, 6)]):
+        our_log(tmp_path / f"r{i}.txt", [(0, 6.0, 0), (100, 3.1 + i / 100, 990)],
+                hyper=dict(batch_size=8, sequence_length=32, num_experts=1, seed=seed, data_seed=data_seed))
+    our_log(tmp_path / "other.txt", [(0, 6.0, 0), (100, 3.0, 990)],
+            hyper=dict(batch_size=8, sequence_length=32, num_experts=1, seed=1, data_seed=0, muon_lr=0.03))
+    grouped = compare.groups(compare.load_runs([str(tmp_path)]))
+    assert sorted(len(members) for members in grouped.values()) == [1, 3]
+    assert {"seed", "data_seed"} <= compare.RUN_CONTROL
