@@ -32,7 +32,7 @@ case "${1:-}" in
       --new_flags "$MOE --mlp_output_scale ${3:?}" -- "${COMMON[@]}" --num_iterations $STEPS --warmdown_iters $WARMDOWN ;;
   init_only)  # the spread that seeds varying only the initialisation show, at this size
     for seed in 101 102 103; do
-      [[ -n $(ls "$HERE/init_only" 2>/dev/null | grep -l . ) ]] && grep -qs "'seed': $seed," "$HERE"/init_only/*.txt && continue
+      grep -ls "'seed': $seed," "$HERE"/init_only/*.txt | xargs -r grep -qs "^step:$STEPS/$STEPS val_loss" && continue
       NPROC=1 ./run_dense.sh "${COMMON[@]}" --num_iterations $STEPS --warmdown_iters $WARMDOWN --mlp_output_scale 0.01 \
         --seed $seed --data_seed 0 --log_dir "$HERE/init_only" > /dev/null
     done ;;
