@@ -53,7 +53,7 @@ def test_newton_schulz_check_fails_a_planted_fault(gradient_like, fault, candida
 
 
 def test_newton_schulz_check_on_an_expert_stack_fails_one_norm_for_the_whole_stack():
-    stack = torch.randn(3, 3072, 768, generator=torch.Generator().manual_seed(1))
+    stack = torch.randn(3, 1536, 384, generator=torch.Generator().manual_seed(1))  # quarter size: the band holds
     stack[0] *= 10  # experts' gradients differ in size
     check_newton_schulz(zeropower_via_newtonschulz5, stack)
     with pytest.raises(AssertionError):
