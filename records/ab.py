@@ -10,8 +10,9 @@ of the machine's speed falls on both sides alike. Run i of each side uses --seed
 
 It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test, the
 step_avg ratio, the time-to-target ratio where both sides reach the target, and the speedrun's rule for a
-record claim (mean below the target, one-sided p < 0.01). Ctrl-C stops the running pair cleanly; the pairs
-already done still give the table, and `--table DIR` prints it again later. Needs scipy.
+record claim (mean below the target, one-sided p < 0.01). `--jobs 2` runs two at a time in that order (each
+pair's two sides side by side, on a machine with room for both). Ctrl-C stops the running runs cleanly; the
+pairs already done still give the table, and `--table DIR` prints it again later. Needs scipy.
 """
 import argparse
 import datetime
@@ -23,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +62,19 @@ def check_side(name: str, script: Path, flags: list[str], nproc: int | None) -> 
         raise SystemExit(f"error: the {name} side ({script.name}) refuses its flags: {lines[-1]}")
 
 
-def run_once(flags: list[str], env: dict) -> int:
-    """One training run through run.sh, in a session of its own; Ctrl-C asks it to checkpoint and stop (run.sh
-    hands SIGTERM to the workers), then re-raises."""
+def start_run(flags: list[str], env: dict, out: Path) -> tuple[subprocess.Popen, str | None]:
+    """One training run through run.sh, in a session of its own (so a terminal's Ctrl-C reaches only this
+    script, which asks the run to checkpoint and stop), and the name of the log it creates: the launch waits
+    for it, so runs that share a folder are never mixed up."""
+    before = set(out.glob("*.txt"))
     proc = subprocess.Popen(["bash", str(ROOT / "run.sh"), *flags], cwd=ROOT, env=env, start_new_session=True)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
+        while True:
+            logs = sorted(set(out.glob("*.txt")) - before)
+            if logs or proc.poll() is not None:
+                return proc, logs[0].name if logs else None
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # before the run was handed back: stop it here
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
@@ -156,6 +164,9 @@ def main(argv=None) -> int:
                         help="pair i uses --seed and --data_seed seed_offset + i (default 1)")
     parser.add_argument("--target", type=float, default=3.28, help="the val loss target (default 3.28)")
     parser.add_argument("--nproc", type=int, help="processes per run (default: run.sh's, one per GPU, else 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, started in the order new, base, new, ... (default 1; 2 suits a 2-core "
+                        "CPU with OMP_NUM_THREADS=1; on GPUs keep 1: every run uses all the devices it sees)")
     parser.add_argument("--out", help="the folder for the logs (default logs/ab_<time>)")
     parser.add_argument("--reuse", metavar="DIR", nargs="+", default=[],
                         help="earlier A/B folders: a finished run there of the same script, flags and seed is copied, "
@@ -165,8 +176,8 @@ def main(argv=None) -> int:
     if args.table:
         print(table(Path(args.table)))
         return 0
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.jobs < 1:
+        parser.error("--runs and --jobs must be at least 1")
     out = Path(args.out or ROOT / "logs" / f"ab_{datetime.datetime.now():%Y%m%d_%H%M%S}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     new_script = ROOT / "train_gpt2.py"
@@ -183,15 +194,20 @@ def main(argv=None) -> int:
     reusable = {(e["script_sha"], tuple(e["flags"])): Path(folder) / e["log"] for folder in args.reuse
                 for e in json.loads((Path(folder) / MANIFEST).read_text())["runs"]
                 if e.get("status") == 0 and e.get("log") and "script_sha" in e}
-    print(f"ab: {args.runs} pairs into {out}", flush=True)
+    print(f"ab: {args.runs} pairs into {out}" + (f", {args.jobs} runs at a time" if args.jobs > 1 else ""),
+          flush=True)
+    queue = [(pair, side) for pair in range(args.runs) for side in ("new", "base") if (side, pair) not in done]
+    running = {}  # Popen -> its manifest entry
+
+    def save():
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
     try:
-        for pair in range(args.runs):
-            seed = args.seed_offset + pair
-            for side in ("new", "base"):
-                if (side, pair) in done:
-                    continue
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                pair, side = queue.pop(0)
+                seed = args.seed_offset + pair
                 script, own_flags = sides[side]
-                before = set(out.glob("*.txt"))
                 run_flags = [*flags, *own_flags, "--seed", str(seed), "--data_seed", str(seed), "--log_dir", str(out)]
                 print(f"ab: pair {pair + 1}/{args.runs}, {side}: {script.name} {shlex.join(run_flags)}", flush=True)
                 sha = hashlib.sha1(script.read_bytes()).hexdigest()
@@ -199,22 +215,30 @@ def main(argv=None) -> int:
                              flags=[*flags, *own_flags, "--seed", str(seed), "--data_seed", str(seed)])
                 manifest["runs"] = [e for e in manifest["runs"] if (e["side"], e["pair"]) != (side, pair)] + [entry]
                 earlier = reusable.get((sha, tuple(entry["flags"])))
-                (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                try:
-                    if earlier:
-                        shutil.copy(earlier, out / earlier.name)
-                        print(f"ab: reused {earlier}", flush=True)
-                        entry["status"] = 0
-                    else:
-                        entry["status"] = "interrupted"  # until the run returns
-                        entry["status"] = run_once(run_flags, launcher(script, args.nproc))
-                finally:
-                    new_logs = sorted(set(out.glob("*.txt")) - before)
-                    entry["log"] = new_logs[0].name if new_logs else None
-                    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                if entry["status"] != 0:
-                    print(f"ab: the {side} run of pair {pair + 1} exited {entry['status']}", file=sys.stderr)
+                if earlier:
+                    shutil.copy(earlier, out / earlier.name)
+                    entry.update(status=0, log=earlier.name)
+                    print(f"ab: reused {earlier}", flush=True)
+                else:
+                    entry["status"] = "interrupted"  # until the run returns
+                    save()
+                    proc, entry["log"] = start_run(run_flags, launcher(script, args.nproc), out)
+                    running[proc] = entry
+                save()
+            for proc in [p for p in running if p.poll() is not None]:
+                entry = running.pop(proc)
+                entry["status"] = proc.returncode
+                save()
+                print(f"ab: pair {entry['pair'] + 1}/{args.runs}, {entry['side']}: exited {proc.returncode}",
+                      file=sys.stderr if proc.returncode else sys.stdout, flush=True)
+            if running:
+                time.sleep(0.5)
     except KeyboardInterrupt:
+        for proc in running:  # run.sh hands SIGTERM to the workers, which checkpoint and stop
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait()
+        save()
         print("\nab: interrupted; the table of the pairs done so far:", file=sys.stderr)
     print(table(out))
     return 0

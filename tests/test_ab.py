@@ -24,15 +24,18 @@ def manifest(out):
 
 
 def test_an_ab_runs_matched_interleaved_pairs_of_a_refs_script_and_prints_both_tests(shards, tmp_path):
-    """The new side: the working tree's script with a flag; the base: HEAD's script (git show)."""
+    """The new side: the working tree's script with a flag; the base: HEAD's script (git show). Two runs at a
+    time, both logging into one folder: each log must still be credited to its own side and pair."""
     out = tmp_path / "ab"
     result = subprocess.run([*AB, "--base", "HEAD", "--new_flags", "--mlp_output_scale 0.5", "--runs", "2",
-                             "--seed_offset", "7", "--target", "4.5", "--out", str(out), "--",
+                             "--jobs", "2", "--seed_offset", "7", "--target", "4.5", "--out", str(out), "--",
                              *trainer_flags(shards)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = manifest(out)["runs"]
     assert [(r["side"], r["pair"], r["seed"], r["status"]) for r in runs] == [
         ("new", 0, 7, 0), ("base", 0, 7, 0), ("new", 1, 8, 0), ("base", 1, 8, 0)]  # A B A B
+    events = [line for line in result.stdout.splitlines() if line.startswith("ab: pair")]
+    assert events.index("ab: pair 1/2, new: exited 0") > 1 and events[1].startswith("ab: pair 1/2, base:")  # together
     logs = {(r["side"], r["pair"]): parse_log(out / r["log"]) for r in runs}
     for (side, pair), run in logs.items():  # each pair shares its initialisation and its data order
         assert (run.hyper["seed"], run.hyper["data_seed"]) == (7 + pair, 7 + pair)
