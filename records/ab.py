@@ -8,8 +8,8 @@ of the machine's speed falls on both sides alike. Run i of each side uses --seed
     python records/ab.py --base main~3 --runs 3 --target 3.28 -- ...  # against another commit
     python records/ab.py --same_script --new_flags "--mlp_output_scale 0.3" --runs 6 -- ...  # flags only
 
-It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test, the
-step_avg ratio, the time-to-target ratio where both sides reach the target, and the speedrun's rule for a
+It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test (and
+the latter's 95% interval), the step_avg ratio, the time-to-target ratio where both sides reach the target, and the speedrun's rule for a
 record claim (mean below the target, one-sided p < 0.01). `--jobs 2` runs two at a time in that order (each
 pair's two sides side by side, on a machine with room for both). Ctrl-C stops the running runs cleanly; the
 pairs already done still give the table, and `--table DIR` prints it again later. Needs scipy.
@@ -97,13 +97,15 @@ def load_pairs(out: Path) -> tuple[dict, dict]:
     return manifest, runs
 
 
-def paired_test(new: list[float], base: list[float]) -> tuple[float, float]:
+def paired_test(new: list[float], base: list[float]) -> tuple[float, float, tuple[float, float] | None]:
+    """The paired t-test's statistic, two-sided p and 95% interval of the mean difference new - base."""
     if len(new) < 2:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), None
     if len({n - b for n, b in zip(new, base)}) == 1:  # no spread in the differences
-        return float("nan"), 0.0 if new[0] != base[0] else 1.0
+        return float("nan"), 0.0 if new[0] != base[0] else 1.0, None
     result = scipy_stats().ttest_rel(new, base)
-    return float(result.statistic), float(result.pvalue)
+    interval = result.confidence_interval(0.95)
+    return float(result.statistic), float(result.pvalue), (float(interval.low), float(interval.high))
 
 
 def table(out: Path) -> str:
@@ -126,7 +128,7 @@ def table(out: Path) -> str:
     diffs = [n - b for n, b in zip(new, base)]
     welch_t, welch_p = welch_test([r.final_val for r in runs["new"].values()],
                                   [r.final_val for r in runs["base"].values()])
-    paired_t, paired_p = paired_test(new, base)
+    paired_t, paired_p, interval = paired_test(new, base)
     step_ratios = [runs["new"][p].val[max(runs["new"][p].val)][2] / runs["base"][p].val[max(runs["base"][p].val)][2]
                    for p in pairs]
     reach = [(runs["new"][p].crossing(target), runs["base"][p].crossing(target)) for p in pairs]
@@ -137,6 +139,8 @@ def table(out: Path) -> str:
         ["mean difference of final val (paired)", f"{fmt(mean_diff, '+.4f')} ± {fmt(sd_diff, '.4f')}"],
         ["Welch's t-test (all finished runs)", f"t = {fmt(welch_t, '.2f')}, p = {fmt(welch_p, '.3g')}"],
         ["paired t-test", f"t = {fmt(paired_t, '.2f')}, p = {fmt(paired_p, '.3g')}"],
+        ["95% interval of the mean difference (paired t)",
+         f"[{fmt(interval[0], '+.4f')}, {fmt(interval[1], '+.4f')}]" if interval else "-"],
         ["step_avg ratio (mean over pairs)", fmt(sum(step_ratios) / len(step_ratios) if step_ratios else None, ".3f")],
         [f"time-to-{target} ratio (pairs where both reach it)",
          f"{fmt(sum(time_ratios) / len(time_ratios) if time_ratios else None, '.3f')} ({len(time_ratios)} pairs)"],

@@ -51,6 +51,8 @@ def test_an_ab_runs_matched_interleaved_pairs_of_a_refs_script_and_prints_both_t
     table = result.stdout[result.stdout.index("A/B in"):]
     assert "| matched pairs | 2 |" in table
     assert f"| mean difference of final val (paired) | {sum(diffs) / 2:+.4f} ±" in table
+    mean, half = sum(diffs) / 2, 12.7062047 * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1 df) x sd / sqrt(2)
+    assert f"| 95% interval of the mean difference (paired t) | [{mean - half:+.4f}, {mean + half:+.4f}] |" in table
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for row in ("| new | working tree | --mlp_output_scale 0.5 | 2 |", f"| base | HEAD (train_gpt2_{sha}.py) | - | 2 |",
                 "Welch's t-test", "paired t-test", "step_avg ratio", "time-to-4.5 ratio",
