@@ -8,11 +8,12 @@ of the machine's speed falls on both sides alike. Run i of each side uses --seed
     python records/ab.py --base main~3 --runs 3 --target 3.28 -- ...  # against another commit
     python records/ab.py --same_script --new_flags "--mlp_output_scale 0.3" --runs 6 -- ...  # flags only
 
-It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test (and
-the latter's 95% interval), the step_avg ratio, the time-to-target ratio where both sides reach the target, and the speedrun's rule for a
-record claim (mean below the target, one-sided p < 0.01). `--jobs 2` runs two at a time in that order (each
-pair's two sides side by side, on a machine with room for both). Ctrl-C stops the running runs cleanly; the
-pairs already done still give the table, and `--table DIR` prints it again later. Needs scipy.
+It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test (and the
+latter's 95% interval), the step_avg ratio, the time-to-target ratio where both sides reach the target, and
+the speedrun's rule for a record claim (mean below the target, one-sided p < 0.01). `--jobs 2` runs two at a
+time in that order (each pair's two sides side by side, on a machine with room for both). Ctrl-C stops the
+running runs cleanly; the pairs already done still give the table, and `--table DIR` prints it again later.
+Needs scipy.
 """
 import argparse
 import datetime
