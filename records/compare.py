@@ -209,14 +209,26 @@ def parse_log(path: Path) -> Run:
 
 
 def find_logs(paths: list[str]) -> list[Path]:
-    found = []
+    """The .txt files under paths, each run once: a log copied into another folder (records/ab.py --reuse) or
+    named twice is the same run, and counting it twice would shrink every spread."""
+    found, first_of = [], {}
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*.txt") if q.is_file())
+            candidates = sorted(q for q in p.rglob("*.txt") if q.is_file())
         elif p.is_file():
-            found.append(p)
+            candidates = [p]
         else:
             print(f"skipped {p}: no such file or directory", file=sys.stderr)
+            continue
+        for q in candidates:
+            digest = hashlib.sha1(q.read_bytes()).digest()
+            if digest in first_of and q.stat().st_size:  # (empty files are skipped as such below)
+                first = first_of[digest]
+                what = "named twice" if q.resolve() == first.resolve() else f"a copy of {first}"
+                print(f"note: {q} is {what}; counted once", file=sys.stderr)
+            else:
+                first_of[digest] = q
+                found.append(q)
     return found
 
 

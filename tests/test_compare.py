@@ -102,6 +102,20 @@ def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_stil
     assert only_bad.returncode == 1 and "no runs to compare" in only_bad.stderr
 
 
+def test_a_log_copied_into_another_folder_is_one_run(tmp_path, capsys):
+    """records/ab.py --reuse copies a finished run into a second A/B folder: read together, it counts once."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = our_log(tmp_path / "a" / "run.txt", [(0, 6.0, 0), (100, 3.2, 1000)])
+    (tmp_path / "b" / "run.txt").write_bytes(first.read_bytes())
+    our_log(tmp_path / "b" / "other.txt", [(0, 6.0, 0), (100, 3.3, 1000)])
+    runs = compare.load_runs([str(tmp_path), str(first)])
+    assert sorted(run.final_val for run in runs) == [3.2, 3.3]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {tmp_path / 'b' / 'run.txt'} is a copy of {first}; counted once",
+        f"note: {first} is named twice; counted once"]
+
+
 def test_a_resumed_runs_repeated_steps_take_the_last_line(tmp_path):
     path = our_log(tmp_path / "r.txt", [(0, 6.0, 0), (50, 4.0, 500), (50, 4.1, 520), (100, 3.1, 990)])
     run = compare.parse_log(path)
