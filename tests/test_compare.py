@@ -264,8 +264,9 @@ def test_a_router_without_a_gate_flag_is_labelled_without_one(tmp_path):
 
 def test_an_edited_script_is_another_configuration_even_with_the_same_flags(tmp_path):
     """The log begins with the code that ran: runs of an edited train_gpt2.py do not pool with the original's."""
-    for name, source in [("a1", "print('original')"), ("a2", "print('original')"), ("b1", "print('tweaked')")]:
-        path = our_log(tmp_path / f"{name}.txt", [(0, 6.0, 0), (100, 3.1, 990)])
+    for i, (name, source) in enumerate([("a1", "print('original')"), ("a2", "print('original')"),
+                                        ("b1", "print('tweaked')")]):
+        path = our_log(tmp_path / f"{name}.txt", [(0, 6.0, 0), (100, 3.1 + i / 100, 990)])  # two runs, not copies
         path.write_text(path.read_text().replace("print('source')", source))
     grouped = compare.groups(compare.load_runs([str(tmp_path)]))
     assert sorted(len(m) for m in grouped.values()) == [1, 2]
