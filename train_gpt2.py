@@ -44,7 +44,7 @@ class Hyperparameters:
     input_bin: str = flag("data/fineweb10B/fineweb_train_*.bin", "glob of the training shards", run_control=True)
     input_val_bin: str = flag("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards", run_control=True)
     data_seed: int = flag(0, "training data order: 0 the shards in name order from their first token (the record), "
-                          "else shuffled and each from a random offset", 0, run_control=True)
+                          "else the corpus's sequences in a random order drawn from this seed", 0, run_control=True)
     # optimization
     batch_size: int = flag(8 * 64, "sequences per optimizer step, summed over all ranks", 1)
     device_batch_size: int = flag(64, "sequences per forward pass on one rank", 1)
@@ -58,7 +58,7 @@ class Hyperparameters:
     muon_momentum: float = flag(0.95, "Muon (Nesterov) momentum")
     # evaluation
     val_loss_every: int = flag(125, "validate every this many steps and at the end (0: only at the end)", 0)
-    val_tokens: int = flag(10485760, "validation tokens, the same ones each time", 1)
+    val_tokens: int = flag(10485760, "validation tokens, the same ones each time (0: all of the validation shards)", 0)
     # model
     vocab_size: int = flag(50304, "vocabulary size (GPT-2's 50257 padded to a multiple of 128)", 1)
     n_layer: int = flag(12, "transformer blocks", 1)
@@ -147,7 +147,7 @@ def check_args(args: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--batch_size {args.batch_size} is not a multiple of --device_batch_size {args.device_batch_size}"
                           f" x {world_size} ranks = {per_step}; pick a batch_size that is, or change device_batch_size")
     val_chunk = per_step * args.sequence_length
-    if args.val_tokens % val_chunk:
+    if args.val_tokens % val_chunk:  # (0 is a multiple: the whole validation set)
         raise ConfigError(f"--val_tokens {args.val_tokens} is not a multiple of device_batch_size x sequence_length x "
                           f"{world_size} ranks = {val_chunk}; use {max(1, args.val_tokens // val_chunk) * val_chunk}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
@@ -561,14 +561,16 @@ def load_shard(path: str) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(num_tokens,))
 
 class DistributedDataLoader:
-    """Reads [B, T] batches from the shards: rank r takes B*T+1 tokens at offset r*B*T of each global chunk of
-    B*T*world tokens, and all ranks move to the next shard (cyclically) together when the next chunk would not
-    fit. data_seed 0 reads the shards in name order from their first token; another seed shuffles them and
-    starts each at a random offset, reading to its end and then from its start to there (on every rank alike)."""
+    """Reads [B, T] batches from the shards. data_seed 0 is the record's order: rank r takes B*T+1 tokens at
+    offset r*B*T of each global chunk of B*T*world tokens, and all ranks move to the next shard (cyclically)
+    together when the next chunk would not fit. Another data seed samples the corpus: it is cut into sequences
+    of T+1 tokens starting every T tokens of each shard, and read in a seeded random order (a new one each
+    pass), sequence g of the order going to micro-batch g // (B*world), rank (g // B) % world. Every rank
+    computes the same order, and a global batch reads the same sequences on any number of ranks."""
 
     def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int, num_processes: int,
                  device: str | torch.device = "cpu", data_seed: int = 0):
-        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
+        self.B, self.T, self.rank, self.world, self.data_seed = B, T, process_rank, num_processes, data_seed
         self.device = torch.device(device)
         tokens = {path: read_shard_header(path) for path in sorted(glob.glob(filename_pattern))}
         if not tokens:
@@ -578,42 +580,73 @@ class DistributedDataLoader:
             if n < self.chunk + 1:
                 raise ShardError(f"{path}: {n} tokens are fewer than one batch needs "
                                  f"({B} x {T} x {num_processes} ranks + 1 = {self.chunk + 1})")
-        rng = np.random.default_rng(data_seed)
-        self.files = list(tokens)
-        self.files = [self.files[i] for i in rng.permutation(len(tokens))] if data_seed else self.files
-        self.shard_tokens = [tokens[path] for path in self.files]
-        self.starts = [int(rng.integers(0, n - self.chunk)) if data_seed else 0 for n in self.shard_tokens]
+        self.files, self.shard_tokens = list(tokens), list(tokens.values())
+        # sampled order: the index of each shard's first sequence, and the corpus's sequence count at the end
+        self.first_sequence = np.cumsum([0] + [(n - 1) // T for n in self.shard_tokens])
+        self.order, self.order_pass = None, None
         self.reset()
 
     def batches_per_pass(self) -> int:
         """Global batches in one pass over all shards, before the loader wraps around."""
-        return sum((n - s - 1) // self.chunk + max(0, (s - 1) // self.chunk)
-                   for n, s in zip(self.shard_tokens, self.starts))
+        if self.data_seed:
+            return int(self.first_sequence[-1]) // (self.B * self.world)
+        return sum((n - 1) // self.chunk for n in self.shard_tokens)
 
     def reset(self):
-        self.load_state_dict(dict(shard=0, position=self.starts[0]))
+        self.load_state_dict(dict(sequence=0, sequences=int(self.first_sequence[-1])) if self.data_seed else
+                             dict(shard=0, position=0))
 
     def state_dict(self) -> dict:
+        if self.data_seed:  # the corpus's size too: other shards would be another order
+            return dict(sequence=self.sequence, sequences=int(self.first_sequence[-1]))
         return dict(shard=self.current_shard, position=self.current_position)
 
     def load_state_dict(self, state: dict):
-        self.current_shard, self.current_position = state["shard"], state["position"]
-        self.tokens = load_shard(self.files[self.current_shard])
+        if self.data_seed:
+            if "sequences" not in state:
+                raise ShardError("the saved data order is the older one of this data seed (shards from random "
+                                 "offsets); resume with the train_gpt2.py that wrote the checkpoint")
+            if state["sequences"] != int(self.first_sequence[-1]):
+                raise ShardError(f"the training shards hold {int(self.first_sequence[-1])} sequences, not the "
+                                 f"{state['sequences']} of the saved data order; resume with the same shards")
+            self.sequence = state["sequence"]
+            self.shards = [load_shard(path) for path in self.files]  # memory-mapped: read only where sampled
+        else:
+            self.current_shard, self.current_position = state["shard"], state["position"]
+            self.tokens = load_shard(self.files[self.current_shard])
+
+    def sampled_batch(self) -> np.ndarray:
+        """This rank's B sequences of the sampled order, [B, T+1]."""
+        total = int(self.first_sequence[-1])
+        first = self.sequence + self.rank * self.B
+        self.sequence += self.B * self.world
+        rows = []
+        for g in range(first, first + self.B):
+            if self.order_pass != g // total:  # a new pass, a new order: the seed and the pass seed it
+                self.order_pass = g // total
+                self.order = np.arange(total, dtype=np.uint32 if total < 2 ** 32 else np.int64)
+                np.random.default_rng([self.data_seed, self.order_pass]).shuffle(self.order)
+            s = int(self.order[g % total])
+            shard = int(np.searchsorted(self.first_sequence, s, side="right")) - 1
+            start = (s - int(self.first_sequence[shard])) * self.T
+            rows.append(self.shards[shard][start:start + self.T + 1])
+        return np.stack(rows)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.current_position + self.rank * self.B * self.T
-        buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
-        shard_start = self.starts[self.current_shard]
-        end = len(self.tokens) if self.current_position >= shard_start else shard_start  # of this part of the shard
-        self.current_position += self.chunk
-        if self.current_position + self.chunk + 1 > end:
-            if end == len(self.tokens) and shard_start >= self.chunk + 1:  # on from the shard's first token
-                self.current_position = 0
-            else:
+        if self.data_seed:
+            rows = self.sampled_batch()
+            buf = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]).astype(np.int64))  # x, y contiguous
+        else:
+            start = self.current_position + self.rank * self.B * self.T
+            buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+            self.current_position += self.chunk
+            if self.current_position + self.chunk + 1 > len(self.tokens):
                 following = (self.current_shard + 1) % len(self.files)
-                self.load_state_dict(dict(shard=following, position=self.starts[following]))
+                self.load_state_dict(dict(shard=following, position=0))
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             buf = buf.pin_memory().to(self.device, non_blocking=True)
+        if self.data_seed:
+            return buf[0], buf[1]
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 # -----------------------------------------------------------------------------
@@ -713,7 +746,7 @@ def evaluate(wrapped_model: nn.Module, val_loader: DistributedDataLoader, args: 
     that the router gives: load [L, E] summed, gate and entropy [L] averaged."""
     wrapped_model.eval()
     val_loader.reset()
-    val_steps = args.val_tokens // (args.device_batch_size * args.sequence_length * rt.world_size)
+    val_steps = args.val_tokens // val_loader.chunk if args.val_tokens else val_loader.batches_per_pass()
     val_loss, totals = torch.zeros((), device=rt.device), {}
     with torch.no_grad():
         for _ in range(val_steps):
@@ -893,12 +926,17 @@ def check_run(args: Hyperparameters) -> dict | None:
     one-line ConfigError. Returns the checkpoint (None for a new run)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     check_args(args, world_size)
-    for pattern in (args.input_bin, args.input_val_bin):
-        try:
-            DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, world_size)
-        except ShardError as e:
-            raise ConfigError(str(e)) from None
-    return load_checkpoint(args) if args.resume else None
+    checkpoint = None
+    try:
+        train = DistributedDataLoader(args.input_bin, args.device_batch_size, args.sequence_length, 0, world_size,
+                                      data_seed=args.data_seed)
+        DistributedDataLoader(args.input_val_bin, args.device_batch_size, args.sequence_length, 0, world_size)
+        checkpoint = load_checkpoint(args) if args.resume else None
+        if checkpoint:  # the same data order over the same shards, or the resumed run would read other text
+            train.load_state_dict(checkpoint["train_loader"])
+    except ShardError as e:
+        raise ConfigError(f"--resume {checkpoint['path']}: {e}" if args.resume and checkpoint else str(e)) from None
+    return checkpoint
 
 def load_checkpoint(args: Hyperparameters) -> dict:
     """--resume PATH, or 'latest' (the newest checkpoint under --log_dir/<run id>/), read to the CPU (tensors only:
@@ -1110,8 +1148,9 @@ def build_run(args: Hyperparameters, rt: Runtime, log: RunLog,
     B, T = args.device_batch_size, args.sequence_length
     train_loader = DistributedDataLoader(args.input_bin, B, T, rt.rank, rt.world_size, rt.device, args.data_seed)
     val_loader = DistributedDataLoader(args.input_val_bin, B, T, rt.rank, rt.world_size, rt.device)
-    log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens; "
-        f"validation: {sum(val_loader.shard_tokens):,} tokens")
+    log(f"training data: {len(train_loader.files)} shards, {sum(train_loader.shard_tokens):,} tokens, order: "
+        + (f"sampled (data_seed {args.data_seed})" if args.data_seed else "record")
+        + f"; validation: {sum(val_loader.shard_tokens):,} tokens")
     accumulation = args.batch_size // (B * rt.world_size)
     if train_loader.batches_per_pass() < args.num_iterations * accumulation:
         log(f"warning: the training shards hold {train_loader.batches_per_pass() // accumulation} "

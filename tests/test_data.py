@@ -118,48 +118,67 @@ def global_chunks(loaders, steps):
     return firsts
 
 
-def test_a_data_seed_shuffles_the_shards_and_their_start_the_same_on_every_rank(tmp_path):
-    sizes = [1000, 700, 900, 800]
+def test_data_seed_0_is_the_record_order(tmp_path):
+    arange_shards(tmp_path, [1000, 700])
+    loaders = [DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, r, 3) for r in range(3)]
+    assert global_chunks(loaders, 25) == [48 * i for i in range(20)] + [1000 + 48 * i for i in range(5)]
+
+
+def sampled_starts(tmp_path, sizes, B, T, world, seed, micro_batches):
+    """The first token of every sequence the ranks read, in the order of the global batch (micro-batch, rank,
+    row), checking that each row is T+1 consecutive tokens of one shard that start on its grid of T."""
     arange_shards(tmp_path, sizes)
-    B, T, world = 2, 8, 3  # a global chunk is 48 tokens
-    pattern = str(tmp_path / "*.bin")
-
-    def loaders(seed):
-        return [DistributedDataLoader(pattern, B, T, r, world, data_seed=seed) for r in range(world)]
-
-    record = global_chunks(loaders(0), 10)
-    assert record == [48 * i for i in range(10)]  # data_seed 0: the record's order, from the first token
-    passes, orders = {}, {}
-    for seed in (1, 2, 3):
-        ranks = loaders(seed)
-        per_pass = ranks[0].batches_per_pass()
-        firsts = global_chunks(ranks, 2 * per_pass)
-        assert firsts[:per_pass] == firsts[per_pass:]  # a pass, then the same pass again
-        passes[seed] = firsts[:per_pass]
-        # each shard is read from a random start to its end, then from its first token back to that start:
-        # every chunk lies inside one shard, no token is read twice in a pass, and at most two chunks' worth
-        # of tokens per shard are left out
-        bounds = np.cumsum([0] + sizes)
-        shard_of = [int(np.searchsorted(bounds, f, side="right")) - 1 for f in firsts[:per_pass]]
-        assert all(f + 49 <= bounds[s + 1] for f, s in zip(firsts, shard_of))
-        read = sorted(firsts[:per_pass])
-        assert all(b - a >= 48 for a, b in zip(read, read[1:]))
-        assert sum(sizes) - 48 * per_pass < 2 * 49 * len(sizes)
-        visits = [s for i, s in enumerate(shard_of) if i == 0 or s != shard_of[i - 1]]
-        assert sorted(set(visits)) == [0, 1, 2, 3]
-        orders[seed] = list(dict.fromkeys(visits))
-    assert len({tuple(p) for p in passes.values()}) == 3  # each seed its own order
-    assert any(order != [0, 1, 2, 3] for order in orders.values())  # shards shuffled
-    assert passes[1] == global_chunks(loaders(1), len(passes[1]))  # the same seed, the same order
-    assert any(p[0] % 48 for p in passes.values())  # starts that are not on the record's chunk grid
+    loaders = [DistributedDataLoader(str(tmp_path / "*.bin"), B, T, r, world, data_seed=seed) for r in range(world)]
+    bounds = np.cumsum([0] + sizes)
+    starts = []
+    for _ in range(micro_batches):
+        for x, y in (loader.next_batch() for loader in loaders):
+            assert x.shape == y.shape == (B, T) and x.is_contiguous() and y.is_contiguous()
+            torch.testing.assert_close(y, x + 1)
+            for row in x:
+                first = int(row[0])
+                shard = int(np.searchsorted(bounds, first, side="right")) - 1
+                assert (first - bounds[shard]) % T == 0 and first + T + 1 <= bounds[shard + 1]
+                starts.append(first)
+    return starts
 
 
-def test_a_data_seed_resumes_exactly_from_the_loader_state(tmp_path):
-    arange_shards(tmp_path, [300, 250, 400])
+def test_a_data_seed_samples_the_corpus_without_replacement(tmp_path):
+    sizes, T = [1000, 700, 900, 800], 8
+    total = sum((n - 1) // T for n in sizes)  # 124 + 87 + 112 + 99 sequences
+    per_pass = total // (2 * 3)  # micro-batches of B=2 x 3 ranks
+    starts = sampled_starts(tmp_path, sizes, 2, T, 3, seed=1, micro_batches=2 * per_pass + 1)
+    first_pass, second_pass = starts[:total], starts[total:2 * total]
+    assert len(set(first_pass)) == total  # every sequence of every shard once per pass...
+    assert sorted(first_pass) == sorted(second_pass) and first_pass != second_pass  # ...in a new order each pass
+    bounds = np.cumsum([0] + sizes)
+    early = {int(np.searchsorted(bounds, s, side="right")) - 1 for s in first_pass[:24]}
+    assert early == {0, 1, 2, 3}  # the first 24 sequences already sample all four shards
+    assert sum(b - a == T for a, b in zip(first_pass, first_pass[1:])) < 10  # not a contiguous window
+    same = sampled_starts(tmp_path, sizes, 2, T, 3, seed=1, micro_batches=4)
+    other = sampled_starts(tmp_path, sizes, 2, T, 3, seed=2, micro_batches=4)
+    assert same == starts[:24] and other != same
+
+
+def test_a_global_batch_reads_the_same_sequences_on_any_number_of_ranks(tmp_path):
+    one_rank = sampled_starts(tmp_path, [1000, 700], 2, 8, 1, seed=3, micro_batches=12)  # 4 micro-batches a step
+    two_ranks = sampled_starts(tmp_path, [1000, 700], 2, 8, 2, seed=3, micro_batches=6)  # 2
+    four_ranks = sampled_starts(tmp_path, [1000, 700], 2, 8, 4, seed=3, micro_batches=3)  # 1
+    assert one_rank == two_ranks == four_ranks
+
+
+def test_a_data_seed_resumes_exactly_and_refuses_other_shards(tmp_path):
+    paths = arange_shards(tmp_path, [300, 250, 400])
     a = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 1, 3, data_seed=7)
-    for _ in range(9):  # across shard boundaries and the wrap inside a shard
+    for _ in range(20):  # past the end of the first pass (117 sequences, 6 a micro-batch)
         a.next_batch()
     b = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 1, 3, data_seed=7)
     b.load_state_dict(a.state_dict())
     for _ in range(12):
         torch.testing.assert_close(a.next_batch(), b.next_batch())
+    write_shard(tmp_path / "shard_003.bin", np.arange(500))  # a shard added since: another corpus, another order
+    c = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 1, 3, data_seed=7)
+    with pytest.raises(ShardError, match="hold 179 sequences, not the 117 of the saved data order; resume with the same"):
+        c.load_state_dict(a.state_dict())
+    with pytest.raises(ShardError, match="older one of this data seed"):
+        c.load_state_dict(dict(shard=1, position=40))
