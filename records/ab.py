@@ -16,6 +16,7 @@ running runs cleanly; the pairs already done still give the table, and `--table 
 Needs scipy.
 """
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -30,8 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "records"))
-from compare import (LogError, fmt, markdown, mean_sd, one_sided_p_value, parse_log,  # noqa: E402
-                     scipy_stats, welch_test)
+from compare import (NO_SPREAD, LogError, fmt, fmt_p, markdown, mean_sd, one_sided_p_value,  # noqa: E402
+                     paired_test, parse_log, welch_test)
+from train_gpt2 import parse_args  # noqa: E402
 
 MANIFEST = "ab.json"  # which log is which side and pair
 
@@ -81,32 +83,56 @@ def start_run(flags: list[str], env: dict, out: Path) -> tuple[subprocess.Popen,
         raise
 
 
+def check_entry(run, entry: dict, out: Path) -> None:
+    """Refuse, in one line, a log that is not the run its manifest entry describes: another script, seed, data
+    seed or flag (a folder edited by hand, or logs swapped between pairs)."""
+    where = f"error: {out / entry['log']}: {MANIFEST} has it as pair {entry['pair'] + 1}'s {entry['side']} side"
+    fix = "; put the right log back, or delete the entry and rerun that pair"
+    if "script_sha" in entry and hashlib.sha1((run.source + "\n").encode()).hexdigest() != entry["script_sha"]:
+        raise SystemExit(f"{where}, but the log's source is another script{fix}")
+    try:
+        expected = dataclasses.asdict(parse_args(entry["flags"]))
+    except SystemExit:  # flags of another version of the trainer: only the seeds are compared
+        expected = dict(seed=entry["seed"], data_seed=entry["seed"])
+    differ = [f"{k} {run.hyper.get(k)!r} (manifest {v!r})" for k, v in expected.items()
+              if k not in ("log_dir", "resume", "check_only") and run.hyper is not None and k in run.hyper
+              and run.hyper[k] != v]
+    if run.hyper is None or differ:
+        raise SystemExit(f"{where}, but it ran " + (", ".join(differ) or "no hyperparameters line") + fix)
+
+
 def load_pairs(out: Path) -> tuple[dict, dict]:
-    """The manifest and, per side, {pair: Run} of the finished runs."""
+    """The manifest and, per side, {pair: Run} of the finished runs, each checked against its entry; a log
+    whose bytes equal another's is one run, counted once."""
     if not (out / MANIFEST).is_file():
         raise SystemExit(f"error: {out} has no {MANIFEST}, so it is not an A/B folder (records/ab.py writes one)")
     manifest = json.loads((out / MANIFEST).read_text())
-    runs = {"new": {}, "base": {}}
+    runs, seen = {"new": {}, "base": {}}, {}
     for entry in manifest["runs"]:
         if entry.get("log") and (out / entry["log"]).is_file():
+            digest = hashlib.sha1((out / entry["log"]).read_bytes()).hexdigest()
+            if digest in seen:
+                print(f"note: {entry['log']} (pair {entry['pair'] + 1}, {entry['side']}) is a copy of {seen[digest]}; "
+                      f"counted once", file=sys.stderr)
+                continue
+            seen[digest] = entry["log"]
             try:
                 run = parse_log(out / entry["log"])
             except LogError:  # stopped before its first step
                 continue
             if run.finished:
+                check_entry(run, entry, out)
                 runs[entry["side"]][entry["pair"]] = run
     return manifest, runs
 
 
-def paired_test(new: list[float], base: list[float]) -> tuple[float, float, tuple[float, float] | None]:
-    """The paired t-test's statistic, two-sided p and 95% interval of the mean difference new - base."""
-    if len(new) < 2:
-        return float("nan"), float("nan"), None
-    if len({n - b for n, b in zip(new, base)}) == 1:  # no spread in the differences
-        return float("nan"), 0.0 if new[0] != base[0] else 1.0, None
-    result = scipy_stats().ttest_rel(new, base)
-    interval = result.confidence_interval(0.95)
-    return float(result.statistic), float(result.pvalue), (float(interval.low), float(interval.high))
+def first_to_target(new, base, target: float) -> str | None:
+    """Which side of a pair reaches target first in train time (interpolated between validations); a side
+    that reaches it wins against one that never does; None when neither does."""
+    n, b = new.crossing(target), base.crossing(target)
+    if n is None and b is None:
+        return None
+    return "new" if b is None or (n is not None and n[1] < b[1]) else "base"
 
 
 def table(out: Path) -> str:
@@ -122,7 +148,7 @@ def table(out: Path) -> str:
         avgs = [r.val[max(r.val)][2] for r in runs[side].values()]
         rows.append([side, manifest[side], " ".join(manifest[f"{side}_flags"]) or "-", str(len(finals)),
                      f"{fmt(mean, '.4f')} ± {fmt(sd, '.4f')}", fmt(sum(avgs) / len(avgs) if avgs else None, ".2f", " ms"),
-                     fmt(one_sided_p_value(finals, target), ".3g")])
+                     fmt_p(finals, one_sided_p_value(finals, target))])
     lines += ["", markdown(["side", "script", "own flags", "n", "final val (mean ± std)", "step_avg",
                             f"p (mean < {target})"], rows)]
     new, base = [runs["new"][p].final_val for p in pairs], [runs["base"][p].final_val for p in pairs]
@@ -134,24 +160,28 @@ def table(out: Path) -> str:
                    for p in pairs]
     reach = [(runs["new"][p].crossing(target), runs["base"][p].crossing(target)) for p in pairs]
     time_ratios = [n[1] / b[1] for n, b in reach if n and b and b[1] > 0]
+    firsts = [first_to_target(runs["new"][p], runs["base"][p], target) for p in pairs]
     mean_diff, sd_diff = mean_sd(diffs)
     lines += ["", markdown(["new - base", "value"], [
         ["matched pairs", str(len(pairs))],
         ["mean difference of final val (paired)", f"{fmt(mean_diff, '+.4f')} ± {fmt(sd_diff, '.4f')}"],
         ["Welch's t-test (all finished runs)", f"t = {fmt(welch_t, '.2f')}, p = {fmt(welch_p, '.3g')}"],
-        ["paired t-test", f"t = {fmt(paired_t, '.2f')}, p = {fmt(paired_p, '.3g')}"],
+        ["paired t-test", NO_SPREAD if len(diffs) > 1 and len(set(diffs)) == 1 else
+         f"t = {fmt(paired_t, '.2f')}, p = {fmt(paired_p, '.3g')}"],
         ["95% interval of the mean difference (paired t)",
          f"[{fmt(interval[0], '+.4f')}, {fmt(interval[1], '+.4f')}]" if interval else "-"],
         ["step_avg ratio (mean over pairs)", fmt(sum(step_ratios) / len(step_ratios) if step_ratios else None, ".3f")],
-        [f"time-to-{target} ratio (pairs where both reach it)",
+        [f"time-to-{target} ratio (interpolated; pairs where both reach it)",
          f"{fmt(sum(time_ratios) / len(time_ratios) if time_ratios else None, '.3f')} ({len(time_ratios)} pairs)"],
+        [f"first to {target} (one side reaching it wins the pair)",
+         f"new in {firsts.count('new')}, base in {firsts.count('base')}, neither in {firsts.count(None)}"],
     ])]
     new_finals = [r.final_val for r in runs["new"].values()]
     p_record = one_sided_p_value(new_finals, target)
-    verdict = ("meets" if len(new_finals) >= 2 and mean_sd(new_finals)[0] < target and p_record < 0.01
-               else "does not meet")
+    verdict = ("cannot be tested against" if len(new_finals) < 2 or len(set(new_finals)) == 1 else
+               "meets" if mean_sd(new_finals)[0] < target and p_record < 0.01 else "does not meet")
     lines += ["", f"record rule (mean final val < {target}, one-sided p < 0.01): the new side {verdict} it "
-                  f"(n = {len(new_finals)}, p = {fmt(p_record, '.3g')})"]
+                  f"(n = {len(new_finals)}, p = {fmt_p(new_finals, p_record)})"]
     return "\n".join(lines)
 
 

@@ -89,6 +89,7 @@ class Run:
     source: str = ""
     peak_mib: int | None = None
     cut_off: bool = False  # the file ends in the middle of a line
+    order: str | None = None  # the data order the training data line names (older logs name none)
 
     @property
     def name(self) -> str:
@@ -107,11 +108,18 @@ class Run:
     def final_val(self) -> float:
         return self.val[max(self.val)][0]
 
-    def crossing(self, target: float) -> tuple[int, float] | None:
-        """The first validation at or below target: (step, train time in ms)."""
+    def crossing(self, target: float) -> tuple[float, float] | None:
+        """Where the val loss first reaches target: (step, train time in ms), interpolated linearly between the
+        validation before and the first one at or below it."""
+        before = None
         for step in sorted(self.val):
-            if self.val[step][0] <= target:
-                return step, self.val[step][1]
+            loss, ms = self.val[step][:2]
+            if loss <= target:
+                if before is None or before[1] == loss:
+                    return float(step), ms
+                w = (before[1] - target) / (before[1] - loss)  # the fraction of the interval before the crossing
+                return before[0] + w * (step - before[0]), before[2] + w * (ms - before[2])
+            before = (step, loss, ms)
         return None
 
     def setting(self, name: str, default=None):
@@ -120,6 +128,16 @@ class Run:
             return self.hyper.get(name, default)
         m = re.search(rf"^\s*{name}\s*:\s*\w+\s*=\s*([\d\s*]+?)\s*(#|$)", self.source, flags=re.M)
         return math.prod(int(x) for x in m[1].split("*")) if m else default
+
+    @property
+    def pair_key(self) -> tuple | None:
+        """What a matched pair shares: the seed, the data seed and the data order it names. A data seed's
+        order changed with the loader, so a log that names no order read the older one (or the record's, 0)."""
+        if self.hyper is None:
+            return None
+        data_seed = self.hyper.get("data_seed", 0)
+        order = self.order or ("record" if data_seed == 0 else "windows (older loader)")
+        return self.hyper.get("seed"), data_seed, order
 
     @property
     def tokens_per_step(self) -> int | None:
@@ -186,7 +204,7 @@ def parse_log(path: Path) -> Run:
         raise LogError("not a run log (a run log begins with the script's source, fenced by a line of 100 '=')")
     end = lines.index(FENCE, 1) if FENCE in lines[1:] else len(lines)
     source, lines = "\n".join(lines[1:end]), lines[end + 1:]
-    num_iterations, val, train, router, hyper, peak = None, {}, {}, {}, None, None
+    num_iterations, val, train, router, hyper, peak, order = None, {}, {}, {}, None, None, None
     for line in lines:
         if s := parse_step_line(line):  # a resumed run repeats steps: the last line of a step wins
             (val if s.kind == "val" else train)[s.step] = (s.loss, s.train_time_ms, s.step_avg_ms)
@@ -201,11 +219,13 @@ def parse_log(path: Path) -> Run:
                 raise LogError("unreadable hyperparameters line") from None
         elif (mib := parse_peak_memory(line)) is not None:
             peak = mib
+        elif line.startswith("training data:") and " order: " in line:
+            order = line.split(" order: ", 1)[1].split(";")[0]
     if num_iterations is None:
         raise LogError("not a training log (no step lines)")
     if not val:
         raise LogError("no validation line")
-    return Run(path, num_iterations, val, train, router, hyper, source, peak, cut_off)
+    return Run(path, num_iterations, val, train, router, hyper, source, peak, cut_off, order)
 
 
 def find_logs(paths: list[str]) -> list[Path]:
@@ -256,19 +276,35 @@ def scipy_stats():
     return stats
 
 
+NO_SPREAD = "no spread, n too small"  # a t-test of identical values is undefined, never p = 0
+
+
 def one_sided_p_value(samples: list[float], target: float) -> float:
-    """p-value of 'the mean is below target' (one-sample t-test, alternative 'less'); nan for n < 2."""
-    if len(samples) < 2:
+    """p-value of 'the mean is below target' (one-sample t-test, alternative 'less'); nan for n < 2 or no spread."""
+    if len(samples) < 2 or len(set(samples)) == 1:
         return float("nan")
-    if len(set(samples)) == 1:  # no spread: the test is undefined, the answer is not
-        return 0.0 if samples[0] < target else 1.0
     return float(scipy_stats().ttest_1samp(samples, target, alternative="less").pvalue)
+
+
+def fmt_p(samples: list[float], p: float) -> str:
+    """A p-value as the tables print it: '-' for fewer than 2 values, NO_SPREAD for identical ones."""
+    return NO_SPREAD if len(samples) > 1 and len(set(samples)) == 1 else fmt(p, ".3g")
+
+
+def paired_test(new: list[float], base: list[float]) -> tuple[float, float, tuple[float, float] | None]:
+    """The paired t-test of new - base: statistic, two-sided p and the 95% interval of the mean difference;
+    nan and None for fewer than 2 pairs or differences without spread."""
+    if len(new) < 2 or len({n - b for n, b in zip(new, base)}) == 1:
+        return float("nan"), float("nan"), None
+    result = scipy_stats().ttest_rel(new, base)
+    interval = result.confidence_interval(0.95)
+    return float(result.statistic), float(result.pvalue), (float(interval.low), float(interval.high))
 
 
 def welch_test(samples: list[float], baseline: list[float]) -> tuple[float, float]:
     """Welch's two-sample t-test (unequal variances) of samples against baseline: (t, two-sided p); nan when
     either side has fewer than 2 runs. t < 0: the samples' mean is lower."""
-    if len(samples) < 2 or len(baseline) < 2:
+    if len(samples) < 2 or len(baseline) < 2 or len(set(samples)) == len(set(baseline)) == 1:
         return float("nan"), float("nan")
     result = scipy_stats().ttest_ind(samples, baseline, equal_var=False)
     return float(result.statistic), float(result.pvalue)
@@ -305,7 +341,7 @@ def runs_table(runs: list[Run], target: float) -> str:
         steps = f"{run.last_step}/{run.num_iterations}" + ("" if run.finished else " unfinished")
         tokens = run.tokens_per_step * run.last_step if run.tokens_per_step else None
         rows.append([run.name, run.mode, steps, fmt(run.final_val, ".4f"),
-                     fmt(crossing and crossing[0]), fmt(crossing and crossing[1] / 1000, ".1f", " s"),
+                     fmt(crossing and crossing[0], ".0f"), fmt(crossing and crossing[1] / 1000, ".1f", " s"),
                      fmt(last_val[2], ".2f", " ms"), fmt_tokens(tokens),
                      fmt(run.peak_mib, "d", " MiB"), fmt(run.branch_scale, ".4g")])
     return markdown(["run", "mode", "steps", "final val", f"step <= {target}", f"time <= {target}",
@@ -358,7 +394,7 @@ def groups_table(runs: list[Run], target: float) -> str:
         finals = finals_of(members)
         mean, sd = mean_sd(finals)
         rows.append([label, str(len(finals)), fmt(mean, ".4f"), fmt(sd, ".4f"), fmt(mean_step_avg(members), ".2f", " ms"),
-                     fmt(one_sided_p_value(finals, target), ".3g"), str(len(members) - len(finals))])
+                     fmt_p(finals, one_sided_p_value(finals, target)), str(len(members) - len(finals))])
     return markdown(["configuration", "n", "mean final val", "std", "mean step_avg", f"p (mean < {target})",
                      "unfinished"], rows)
 
@@ -375,24 +411,67 @@ def find_baseline(labels: list[str], wanted: str) -> str:
                      "is no label") + "; give a whole label, e.g. " + "; ".join(repr(c) for c in closest[:3]))
 
 
+def matched_pairs(runs: list[Run], base: list[Run]) -> tuple[list[tuple[Run, Run]], int, int]:
+    """The finished runs of two configurations matched on (seed, data seed, data order): the pairs, and how
+    many finished runs of each side found no partner (a key met twice on one side pairs once)."""
+    by_key = {}
+    for run in base:
+        if run.finished and run.pair_key:
+            by_key.setdefault(run.pair_key, run)
+    pairs, used = [], set()
+    for run in runs:
+        if run.finished and run.pair_key in by_key and run.pair_key not in used:
+            used.add(run.pair_key)
+            pairs.append((run, by_key[run.pair_key]))
+    return pairs, len(finals_of(runs)) - len(pairs), len(finals_of(base)) - len(pairs)
+
+
+def order_counts(members: list[Run]) -> dict:
+    """How many finished runs read each data order (data seed 0 is one order; any other seed another)."""
+    counts = {}
+    for run in members:
+        if run.finished and run.pair_key:
+            order = "record order" if run.pair_key[1] == 0 else f"{run.pair_key[2].split(' (')[0]} orders"
+            counts[order] = counts.get(order, 0) + 1
+    return counts
+
+
 def comparison_table(runs: list[Run], baseline: str) -> str:
-    """Each configuration against the baseline's: the difference of the mean final val losses and Welch's
-    two-sample t-test (two-sided), one row per pair; the step_avg ratio says what the difference costs."""
+    """Each configuration against the baseline's: runs matched on (seed, data seed, data order) give the
+    paired difference, its t-test and 95% interval; Welch's two-sample test of all finished runs stands
+    beside it. A warning names the runs that read other data orders than the other side's, which the
+    pooled test cannot tell from a difference of the configurations."""
     grouped = groups(runs)
     base_label = find_baseline(list(grouped), baseline)
-    base = finals_of(grouped[base_label])
-    base_mean, base_step = mean_sd(base)[0], mean_step_avg(grouped[base_label])
-    rows = []
+    base_runs = grouped[base_label]
+    base = finals_of(base_runs)
+    base_mean, base_step = mean_sd(base)[0], mean_step_avg(base_runs)
+    rows, warnings = [], []
     for label, members in grouped.items():
         if label == base_label:
             continue
         finals = finals_of(members)
-        t, p = welch_test(finals, base)
+        welch_t, welch_p = welch_test(finals, base)
+        pairs, alone, base_alone = matched_pairs(members, base_runs)
+        new, old = [a.final_val for a, _ in pairs], [b.final_val for _, b in pairs]
+        mean_diff, sd_diff = mean_sd([a - b for a, b in zip(new, old)])
+        _, paired_p, interval = paired_test(new, old)
         step = mean_step_avg(members)
-        rows.append([label, str(len(finals)), fmt(mean_sd(finals)[0] - base_mean, "+.4f"), fmt(t, ".2f"), fmt(p, ".3g"),
-                     fmt(step / base_step if step and base_step else None, ".3f")])
-    return markdown([f"configuration vs {base_label} (n={len(base)})", "n", "mean diff", "Welch t", "p (two-sided)",
-                     "step_avg ratio"], rows)
+        rows.append([label, str(len(finals)), fmt(mean_sd(finals)[0] - base_mean, "+.4f"), fmt(welch_p, ".3g"),
+                     str(len(pairs)), f"{fmt(mean_diff, '+.4f')} ± {fmt(sd_diff, '.4f')}",
+                     NO_SPREAD if len(pairs) > 1 and sd_diff == 0 else fmt(paired_p, ".3g"),
+                     f"[{fmt(interval[0], '+.4f')}, {fmt(interval[1], '+.4f')}]" if interval else "-",
+                     f"{alone} / {base_alone}", fmt(step / base_step if step and base_step else None, ".3f")])
+        mine, theirs = order_counts(members), order_counts(base_runs)
+        if mine.keys() != theirs.keys() or alone or base_alone:
+            what = lambda c: ", ".join(f"{n} on {o}" for o, n in sorted(c.items())) or "none"  # noqa: E731
+            warnings.append(f"warning: {label}: {alone} of its runs and {base_alone} of {base_label}'s have no "
+                            f"matched partner; the runs read {what(mine)} against {what(theirs)}, so the "
+                            f"unpaired difference mixes the data with the configurations: trust the paired one")
+    table = markdown([f"configuration vs {base_label} (n={len(base)})", "n", "mean diff", "Welch p (two-sided)",
+                      "pairs", "paired diff (mean ± std)", "paired p", "95% interval (paired)",
+                      "unmatched (this / base)", "step_avg ratio"], rows)
+    return "\n".join([table, *warnings])
 
 
 def plot(runs: list[Run], path: str, target: float, max_moe_panels: int = 4):

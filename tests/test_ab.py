@@ -94,3 +94,70 @@ def test_ctrl_c_stops_cleanly_and_the_pairs_done_still_give_the_table(shards, tm
     assert "interrupted" in stderr and "| matched pairs | 1 |" in stdout
     third = manifest(out)["runs"][2]
     assert third["status"] == "interrupted" and "stopped by SIGTERM: checkpoint" in (out / third["log"]).read_text()
+
+
+def ab_folder(out, finals, flags=("--batch_size", "8", "--sequence_length", "32", "--num_iterations", "100")):
+    """An A/B folder by hand: finals[side] is one final val loss per pair; each log's hyperparameters are its
+    manifest flags' (seed and data seed 1 + pair), its val curve 6.0 at step 0, then the final at 100."""
+    from test_compare import our_log
+    from train_gpt2 import parse_args
+    out.mkdir()
+    entries = []
+    for side in ("new", "base"):
+        for pair, final in enumerate(finals[side]):
+            entry_flags = [*flags, "--seed", str(1 + pair), "--data_seed", str(1 + pair)]
+            hyper = {k: v for k, v in vars(parse_args(entry_flags)).items()}
+            our_log(out / f"{side}{pair}.txt", [(0, 6.0, 0), (100, final, 1000 if side == "base" else 1300)],
+                    hyper=hyper)
+            entries.append(dict(side=side, pair=pair, seed=1 + pair, status=0, log=f"{side}{pair}.txt",
+                                flags=entry_flags))
+    (out / "ab.json").write_text(json.dumps(dict(new="working tree", base="working tree", new_flags=[],
+                                                 base_flags=[], flags=[], target=3.28, nproc=1, runs=entries)))
+    return out
+
+
+def ab_table(out):
+    result = subprocess.run([*AB, "--table", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_a_log_that_is_not_its_manifest_entry_is_refused_in_one_line(tmp_path):
+    out = ab_folder(tmp_path / "ab", dict(new=[3.30, 3.31, 3.29], base=[3.32, 3.33, 3.30]))
+    assert ab_table(out)[0] == 0
+    runs = manifest(out)["runs"]
+    runs[0]["log"], runs[1]["log"] = runs[1]["log"], runs[0]["log"]  # two new logs swapped between pairs
+    (out / "ab.json").write_text(json.dumps({**manifest(out), "runs": runs}))
+    code, stdout, stderr = ab_table(out)
+    assert code != 0 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"error: {out / 'new1.txt'}: ab.json has it as pair 1's new side, but it ran ")
+    assert "data_seed 2 (manifest 1)" in stderr and "seed 2 (manifest 1)" in stderr
+    runs[0]["log"], runs[1]["log"] = runs[1]["log"], runs[0]["log"]
+    runs[0]["flags"] = [*runs[0]["flags"], "--muon_lr", "0.03"]  # a flag the log did not run with
+    (out / "ab.json").write_text(json.dumps({**manifest(out), "runs": runs}))
+    assert "but it ran muon_lr 0.02 (manifest 0.03)" in ab_table(out)[2]
+
+
+def test_a_copied_log_counts_once_and_no_spread_is_never_p_0(tmp_path):
+    out = ab_folder(tmp_path / "ab", dict(new=[3.20, 3.20], base=[3.25, 3.25]))
+    code, table, _ = ab_table(out)
+    assert code == 0
+    assert "| paired t-test | no spread, n too small |" in table and "p = 0" not in table
+    assert "| 3.2000 ± 0.0000 | 14.44 ms | no spread, n too small |" in table  # step_avg 1300 ms / 90
+    assert "the new side cannot be tested against it (n = 2, p = no spread, n too small)" in table
+    runs = manifest(out)["runs"]
+    (out / "copy.txt").write_bytes((out / "base0.txt").read_bytes())
+    runs[3]["log"] = "copy.txt"  # pair 2's base names a copy of pair 1's: one run, counted once
+    (out / "ab.json").write_text(json.dumps({**manifest(out), "runs": runs}))
+    code, table, stderr = ab_table(out)
+    assert code == 0 and "note: copy.txt (pair 2, base) is a copy of base0.txt; counted once" in stderr
+    assert "| matched pairs | 1 |" in table
+
+
+def test_time_to_target_is_interpolated_and_one_side_reaching_it_wins_the_pair(tmp_path):
+    # pair 1: both reach 3.28 (base earlier in time: its steps are faster); pair 2: only new does; pair 3: neither
+    out = ab_folder(tmp_path / "ab", dict(new=[3.00, 3.20, 3.50], base=[3.10, 3.40, 3.45]))
+    code, table, _ = ab_table(out)
+    assert code == 0
+    # linear from 6.0 at step 0: new reaches 3.28 at 2.72/3.0 of 1300 ms, base at 2.72/2.9 of 1000 ms
+    assert f"| {(2.72 / 3.0 * 1300) / (2.72 / 2.9 * 1000):.3f} (1 pairs) |" in table
+    assert "| first to 3.28 (one side reaching it wins the pair) | new in 1, base in 1, neither in 1 |" in table

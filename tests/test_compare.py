@@ -46,11 +46,14 @@ def test_reads_the_speedruns_own_format(tmp_path):
     run = compare.parse_log(speedrun_log(tmp_path / "4a71cc92-0f43-4058-a033-23e85c1e98f1.txt"))
     assert run.mode == "dense" and run.finished and run.final_val == 3.2785
     assert run.tokens_per_step == 512 * 1024 and run.peak_mib == 22101
-    assert run.crossing(3.28) == (3200, 448000.0) and run.crossing(3.30) == (3000, 420000.0)
+    # reached between the validations at 3000 (3.2901, 420 s) and 3200 (3.2785, 448 s): interpolated linearly
+    w = (3.2901 - 3.28) / (3.2901 - 3.2785)
+    assert run.crossing(3.28) == pytest.approx((3000 + 200 * w, 420000 + 28000 * w)) and 3174 < 3000 + 200 * w < 3175
+    assert run.crossing(3.2785) == (3200, 448000.0) and run.crossing(11) == (0, 327.0)  # met at a validation
     assert run.name == f"{tmp_path.name}/4a71cc92"
     table = compare.runs_table([run], 3.28)
     row = table.splitlines()[2]
-    assert "| dense | 3200/3200 | 3.2785 | 3200 | 448.0 s | 140.04 ms | 1.68B | 22101 MiB |" in row
+    assert "| dense | 3200/3200 | 3.2785 | 3174 | 444.4 s | 140.04 ms | 1.68B | 22101 MiB |" in row
 
 
 def test_a_run_that_never_reaches_the_target(tmp_path):
@@ -96,7 +99,7 @@ def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_stil
     assert f"skipped {tmp_path / 'foreign.txt'}: not a training log (no step lines)" in result.stderr
     assert len(result.stderr.splitlines()) == 5 and "3.1000" not in result.stdout
     assert f"skipped {tmp_path / 'trains_only.txt'}: no validation line" in result.stderr
-    assert "good" in result.stdout and "| 3.2000 | 100 |" in result.stdout
+    assert "good" in result.stdout and "| 3.2000 | 97 |" in result.stdout  # 3.28 reached near step 97 of 0-100
     only_bad = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path / "empty.txt")],
                               capture_output=True, text=True)
     assert only_bad.returncode == 1 and "no runs to compare" in only_bad.stderr
@@ -178,9 +181,17 @@ def test_welch_two_sample_test_against_a_baseline(tmp_path, capsys):
     assert "| configuration vs dense (n=4) |" in out
     pairs = out.split("| configuration vs dense (n=4) |")[1]  # after the runs and groups tables
     fine_row = next(l for l in pairs.splitlines() if l.startswith("| moe E16 top4 H192"))
-    assert fine_row == f"| moe E16 top4 H192 learned renorm | 3 | {ma - mb:+.4f} | {t:.2f} | {p:.3g} | 1.200 |"
+    # seeds 0, 1, 2 (data seed 0) on both sides: three matched pairs, dense's seed 3 unmatched
+    paired = stats.ttest_rel(a, b[:3])
+    diffs = [x - y for x, y in zip(a, b)]
+    sd = math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    low, high = paired.confidence_interval(0.95)
+    assert fine_row == (f"| moe E16 top4 H192 learned renorm | 3 | {ma - mb:+.4f} | {p:.3g} | 3 | "
+                        f"{sum(diffs) / 3:+.4f} ± {sd:.4f} | {paired.pvalue:.3g} | [{low:+.4f}, {high:+.4f}] | 0 / 1 | "
+                        f"1.200 |")
+    assert "warning: moe E16 top4 H192 learned renorm: 0 of its runs and 1 of dense's have no matched partner" in out
     same_row = next(l for l in pairs.splitlines() if l.startswith("| moe E4 top1"))
-    assert float(same_row.split(" | ")[4]) > 0.05  # no difference to find there
+    assert float(same_row.split(" | ")[3]) > 0.05  # no difference to find there
     assert compare.main([str(tmp_path), "--baseline", "moe E16"]) == 0  # the start of one label
     assert "| configuration vs moe E16 top4 H192 learned renorm (n=3) |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
@@ -300,3 +311,27 @@ def test_seeds_and_data_seeds_are_seeds_not_configurations(tmp_path):
     grouped = compare.groups(compare.load_runs([str(tmp_path)]))
     assert sorted(len(members) for members in grouped.values()) == [1, 3]
     assert {"seed", "data_seed"} <= compare.RUN_CONTROL
+
+
+def test_pairs_show_the_sign_that_unmatched_runs_on_another_data_order_hide(tmp_path, capsys):
+    """As in MoEvsTunedDenseCPU with its init-only runs added: the MoE is 0.02 below dense in every matched
+    pair, but dense also has runs on the record's (easier) order that pull its pooled mean down."""
+    def log(name, final, seed, data_seed, experts, order="sampled"):
+        tail = f"training data: 3 shards, 100 tokens, order: {order}; validation: 10 tokens\n" if order else ""
+        our_log(tmp_path / f"{name}.txt", [(0, 6.0, 0), (100, final, 1000 if experts == 1 else 1200)], tail=tail,
+                hyper=dict(batch_size=8, sequence_length=32, num_experts=experts, seed=seed, data_seed=data_seed))
+    dense = {1: 4.35, 2: 4.18, 3: 4.66}
+    for seed, final in dense.items():
+        log(f"dense{seed}", final, seed, seed, 1)
+        log(f"moe{seed}", final - 0.02 + 0.001 * seed, seed, seed, 4)
+    for seed in (101, 102, 103):
+        log(f"dense_record{seed}", 4.10, seed, 0, 1, order="record")
+    log("moe_older_loader", 4.0, 1, 1, 4, order=None)  # data seed 1 read another way: no partner
+    assert compare.main([str(tmp_path), "--baseline", "dense"]) == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.split("| configuration vs dense")[1].splitlines() if l.startswith("| moe"))
+    cells = row.split(" | ")
+    assert float(cells[2]) > 0 and cells[4] == "3" and cells[5].startswith("-0.0180 ±")  # pooled +, paired -
+    assert cells[8] == "1 / 3"  # the older loader's MoE run and the three record-order dense runs
+    assert ("the runs read 3 on sampled orders, 1 on windows orders against 3 on record order, 3 on sampled "
+            "orders, so the unpaired difference mixes the data with the configurations") in out
