@@ -5,7 +5,7 @@ the line format; the MoE router lines of ours are optional to this reader.
     python records/compare.py records/                      # every log under records/, one table
     python records/compare.py logs/a.txt logs/b.txt --target 3.28
     python records/compare.py records/ --group              # mean, std and p-value per configuration
-    python records/compare.py records/ --group --baseline "dense scale0.01"  # Welch's t-test of each against it
+    python records/compare.py records/ --group --baseline "dense scale0.01"  # paired and Welch's tests against it
     python records/compare.py records/ --plot curves.png    # needs matplotlib
 
 A log that is empty, foreign (no step lines) or has no validation line is named on stderr and skipped. A
@@ -533,8 +533,9 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="run logs, or folders searched for *.txt")
     parser.add_argument("--target", type=float, default=3.28, help="the val loss to reach (default: 3.28)")
     parser.add_argument("--group", action="store_true", help="statistics per configuration")
-    parser.add_argument("--baseline", metavar="LABEL", help="with --group: Welch's t-test of every configuration "
-                        "against this one (its label, or the start of only one label)")
+    parser.add_argument("--baseline", metavar="LABEL", help="with --group: every configuration against this one "
+                        "(its label, or the start of only one label): runs matched on seed, data seed and data "
+                        "order give the paired test; Welch's test pools all finished runs")
     parser.add_argument("--plot", metavar="FILE.png", help="plot val loss by step and time, and MoE loads")
     args = parser.parse_args(argv)
     runs = load_runs(args.paths)
