@@ -84,3 +84,13 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path, shape):
         extra = figures["results"]["moe"]["flops_per_token"] - figures["results"]["dense"]["flops_per_token"]
         assert extra == 6 * 4 * 256 * 16
         assert "| measure | dense | MoE (E=16, top-3, H=256, shared 256) | MoE/dense |" in result.stdout
+
+
+def test_the_loader_bench_times_both_orders_at_the_flags_batch(shards, capsys):
+    figures = bench.main(["--loader", str(shards / "synthetic_train_*.bin"), "--loader_ranks", "2", "--steps", "5",
+                          "--device_batch_size", "4", "--sequence_length", "32"])
+    out = capsys.readouterr().out
+    assert "data loader, rank 0 of 2, 4 x 32 tokens a batch" in out
+    assert set(figures) == {"record", "sampled"} and all(f["batch_ms"] > 0 for f in figures.values())
+    assert figures["sampled"]["sequences"] == 2 * ((20_000 - 1) // 32)  # two shards of 20k tokens
+    assert f"then {figures['sampled']['batch_ms']:.3f} ms a batch (median of 5); 1,248 sequences" in out

@@ -45,10 +45,12 @@ MOE_WITH_EVERYTHING = ["--num_experts", "4", "--top_k", "2", "--router_gate", "s
                        "--router_z_loss_coef", "0.001", "--router_bias_rate", "0.01"]
 
 
-@pytest.mark.parametrize("model_flags", [[], MOE_WITH_EVERYTHING], ids=["dense", "moe"])
+@pytest.mark.parametrize("model_flags", [[], [*MOE_WITH_EVERYTHING, "--data_seed", "3"]],
+                         ids=["dense, record order", "moe, sampled order"])
 def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path, model_flags):
-    """Data parallelism and gradient accumulation are the same computation (float32 on CPU). For the MoE this
-    holds only if the router biases move by the loads summed over ranks, as over micro-batches."""
+    """Data parallelism and gradient accumulation are the same computation (float32 on CPU): the same
+    sequences in each global batch, in the record's order and in a sampled one. For the MoE this holds only if
+    the router biases move by the loads summed over ranks, as over micro-batches."""
     common = [*TINY, *data_flags(shards), "--num_iterations", "4", "--warmdown_iters", "2",
               "--val_loss_every", "0", "--seed", "7", *model_flags]
     finals = []

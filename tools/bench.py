@@ -7,6 +7,7 @@ counts graph breaks, recompiles and host syncs of the compiled step.
     python tools/bench.py                          # CPU: --size small, eager float32; CUDA: the trainer's full size, compiled bf16
     python tools/bench.py --device_batch_size 32   # any trainer flag: it sets the MoE (default: the seed's, as run_moe.sh)
     python tools/bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
+    python tools/bench.py --size full --loader 'data/fineweb10B/fineweb_train_*.bin'  # the data loader alone
 
 The dense model is the MoE's flags with a dense MLP. It prints a markdown table with the MoE/dense ratios and
 writes the same figures as JSON. The MoE wins in wall-clock only if its train step costs less than 1.125x
@@ -27,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
 from compare import fmt  # noqa: E402
-from train_gpt2 import (GPT, MLP, Hyperparameters, MoE, ROUTERS, TrainClock, TrainState, build_parser,  # noqa: E402
-                        check_args, cpu_model, make_optimizers, objective, setup_runtime, train_step, wrap_model)
+from train_gpt2 import (GPT, MLP, DistributedDataLoader, Hyperparameters, MoE, ROUTERS, TrainClock,  # noqa: E402
+                        TrainState, build_parser, check_args, cpu_model, make_optimizers, objective, setup_runtime,
+                        train_step, wrap_model)
 
 # the trainer's defaults are the full size; small is a CPU-sized model (flags given on the command line win)
 SMALL = dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8)
@@ -205,6 +207,24 @@ def bench_layer(args: Hyperparameters, rt, bench_args, timer: Timer) -> float:
     return timer(step, bench_args.warmup, bench_args.steps)
 
 
+def bench_loader(args: Hyperparameters, pattern: str, ranks: int, steps: int) -> dict:
+    """Rank 0's next_batch at the trainer's B and T among `ranks` ranks, in the record's order and in a sampled
+    one (data seed 1): the first call (which draws a sampled order) and the median of the next `steps`, in ms.
+    Shards just read or written sit in the page cache; a cold first pass reads each sequence from disk."""
+    figures = {}
+    for order, data_seed in (("record", 0), ("sampled", 1)):
+        loader = DistributedDataLoader(pattern, args.device_batch_size, args.sequence_length, 0, ranks,
+                                       data_seed=data_seed)
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            loader.next_batch()
+            times.append(1000 * (time.perf_counter() - t0))
+        figures[order] = dict(first_ms=times[0], batch_ms=statistics.median(times[1:]),
+                              sequences=int(loader.first_sequence[-1]))
+    return figures
+
+
 def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
     """The benchmark's own flags, then the trainer's (with the seed's MoE and --size as their defaults)."""
     cuda = torch.cuda.is_available()
@@ -221,6 +241,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
                         "measure each model's peak memory in one eager train step (CUDA; an upper bound of the "
                         "compiled step's), e.g. 64,32")
     parser.add_argument("--json", help="write the figures here as JSON")
+    parser.add_argument("--loader", metavar="GLOB", help="time the data loader alone on these shards, rank 0 of "
+                        "--loader_ranks, in the record's order and a sampled one, and exit")
+    parser.add_argument("--loader_ranks", type=int, default=8, help="ranks for --loader (default 8)")
     bench_args, rest = parser.parse_known_args(argv)
     trainer = build_parser()
     trainer.set_defaults(**SEED_MOE, **(SMALL if bench_args.size == "small" else {}))
@@ -248,6 +271,14 @@ def dense_counterpart(args: Hyperparameters) -> Hyperparameters:
 
 def main(argv=None):
     bench_args, moe_args = parse(argv)
+    if bench_args.loader:
+        figures = bench_loader(moe_args, bench_args.loader, bench_args.loader_ranks, bench_args.steps)
+        print(f"data loader, rank 0 of {bench_args.loader_ranks}, {moe_args.device_batch_size} x "
+              f"{moe_args.sequence_length} tokens a batch, {cpu_model()}:")
+        for order, f in figures.items():
+            print(f"{order}: first batch {f['first_ms']:.2f} ms, then {f['batch_ms']:.3f} ms a batch (median of "
+                  f"{bench_args.steps})" + (f"; {f['sequences']:,} sequences in the corpus" if order == "sampled" else ""))
+        return figures
     rt = setup_runtime(moe_args)
     timer = Timer(rt.device)
     peak = bench_args.peak_tflops or device_peak_tflops(rt.device)
