@@ -62,28 +62,47 @@ def test_peak_tflops_by_device_name():
         assert next(p for key, p in bench.PEAK_TFLOPS if key in name) == peak
 
 
-@pytest.mark.parametrize("shape", [[], ["--num_experts", "16", "--top_k", "3", "--expert_hidden", "256",
-                                          "--shared_expert_hidden", "256"]], ids=["seed", "E16-top3-shared"])
-def test_a_short_cpu_run_prints_the_table_and_writes_json(tmp_path, shape):
+def test_a_short_cpu_run_times_dense_the_seeds_moe_and_another_design(tmp_path):
     out = tmp_path / "bench.json"
+    extra = "--num_experts 16 --top_k 3 --expert_hidden 256 --shared_expert_hidden 256"
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--steps", "2", "--warmup", "1",
-                             "--device_batch_size", "2", "--json", str(out), *shape],
+                             "--device_batch_size", "2", "--json", str(out), "--extra_moe", extra],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| train step (ms, median) |" in result.stdout and "MoE/dense train step:" in result.stdout
+    assert ("| measure | dense | MoE (E4 top-1) | E16 top-3 H256 S256 | MoE (E4 top-1)/dense | "
+            "E16 top-3 H256 S256/dense |") in result.stdout
+    assert "| train step (ms, median) |" in result.stdout and "| projected 8-rank step (ms) |" in result.stdout
     figures = json.loads(out.read_text())
     assert figures["meta"]["torch"] == torch.__version__ and figures["meta"]["size"] == "small"
-    for mode in ("dense", "moe"):
-        r = figures["results"][mode]
-        assert r["step_ms"] > 0 and r["layer_ms"] > 0 and r["optimizer_ms"] > 0 and r["tokens_per_s"] > 0
-    assert figures["results"]["moe"]["params"] > 1.5 * figures["results"]["dense"]["params"]
-    assert figures["ratios"]["step_ms"] == pytest.approx(
-        figures["results"]["moe"]["step_ms"] / figures["results"]["dense"]["step_ms"])
-    if shape:  # the active width 3 x 256 + 256 = 4 x 256: the dense model's FLOPs, plus the routers'
-        assert figures["meta"]["num_experts"] == 16 and figures["meta"]["shared_expert_hidden"] == 256
-        extra = figures["results"]["moe"]["flops_per_token"] - figures["results"]["dense"]["flops_per_token"]
-        assert extra == 6 * 4 * 256 * 16
-        assert "| measure | dense | MoE (E=16, top-3, H=256, shared 256) | MoE/dense |" in result.stdout
+    assert figures["meta"]["models"] == ["dense", "moe", "E16 top-3 H256 S256"] and figures["meta"]["complete"]
+    for mode, r in figures["results"].items():
+        assert all(r[k] > 0 for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms", "muon_ms", "adam_ms", "layer_ms",
+                                      "tokens_per_s"))
+        # the projection: forward and backward, Adam, and the busiest rank's share of Muon
+        assert r["projected_8_rank_ms"] == pytest.approx(r["fwd_bwd_ms"] + r["adam_ms"] + r["muon_ms"] * r["ns_share_8_ranks"])
+        assert 1 / 8 <= r["ns_share_8_ranks"] < 0.5, mode  # 4 layers' matrices spread over 8 ranks
+        line = f"{mode}/dense: train step {figures['ratios'][mode]['step_ms']:.3f}x" if mode != "dense" else mode
+        assert line in result.stdout
+    dense, moe, fine = (figures["results"][m] for m in figures["meta"]["models"])
+    assert moe["params"] > 1.5 * dense["params"]
+    assert figures["ratios"]["moe"]["step_ms"] == pytest.approx(moe["step_ms"] / dense["step_ms"])
+    assert figures["ratios"]["E16 top-3 H256 S256"]["fwd_bwd_ms"] == pytest.approx(fine["fwd_bwd_ms"] / dense["fwd_bwd_ms"])
+    # the active width 3 x 256 + 256 = 4 x 256: the dense model's FLOPs, plus the routers'
+    assert fine["flops_per_token"] - dense["flops_per_token"] == 6 * 4 * 256 * 16
+
+
+def test_each_models_compiled_figures_are_written_before_anything_else_is_tried(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+
+    def layer_fails(*args):
+        raise RuntimeError("out of memory in the layer probe")
+    monkeypatch.setattr(bench, "bench_layer", layer_fails)
+    with pytest.raises(RuntimeError, match="layer probe"):
+        bench.main(["--steps", "1", "--warmup", "1", "--device_batch_size", "1", "--n_layer", "1", "--n_embd", "64",
+                    "--n_head", "1", "--vocab_size", "256", "--sequence_length", "32", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert list(figures["results"]) == ["dense"] and not figures["meta"]["complete"]
+    assert figures["results"]["dense"]["step_ms"] > 0 and figures["results"]["dense"]["projected_8_rank_ms"] > 0
 
 
 def test_the_loader_bench_times_both_orders_at_the_flags_batch(shards, capsys):

@@ -9,14 +9,19 @@ counts graph breaks, recompiles and host syncs of the compiled step.
     python tools/bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
     python tools/bench.py --size full --loader 'data/fineweb10B/fineweb_train_*.bin'  # the data loader alone
 
-The dense model is the MoE's flags with a dense MLP. It prints a markdown table with the MoE/dense ratios and
-writes the same figures as JSON. The MoE wins in wall-clock only if its train step costs less than 1.125x
-the dense one (it needs ~4000 steps to the dense model's ~4500); our target is 1.05x.
+The dense model is the MoE's flags with a dense MLP; `--extra_moe "FLAGS"` (repeatable) times more MoE designs
+beside it. It prints a markdown table with each MoE/dense ratio and writes the same figures as JSON, each
+model's compiled figures as soon as they are measured. The ratio is given three ways: the whole step; forward
+and backward alone; and a projection for 8 ranks (forward and backward, Adam, and Muon's one-rank time times
+the share of the Newton-Schulz FLOPs that the busiest of 8 ranks owns; the all-reduces of the gradients and of
+Muon's updates are left out, as on a single GPU). The MoE wins in wall-clock only if its train step costs less
+than 1.125x the dense one (it needs ~4000 steps to the dense model's ~4500); our target is 1.05x.
 """
 import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -28,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
 from compare import fmt  # noqa: E402
-from train_gpt2 import (GPT, MLP, DistributedDataLoader, Hyperparameters, MoE, ROUTERS, TrainClock,  # noqa: E402
-                        TrainState, build_parser, check_args, cpu_model, make_optimizers, objective, setup_runtime,
-                        train_step, wrap_model)
+from train_gpt2 import (GPT, MLP, DistributedDataLoader, Hyperparameters, MoE, Muon, ROUTERS,  # noqa: E402
+                        TrainClock, TrainState, balance_by_cost, build_parser, check_args, cpu_model, make_optimizers,
+                        newton_schulz_flops, objective, setup_runtime, train_step, wrap_model)
 
 # the trainer's defaults are the full size; small is a CPU-sized model (flags given on the command line win)
 SMALL = dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8)
@@ -161,13 +166,30 @@ def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
     r["flops_per_token"] = flops_per_token(model.config, args.sequence_length)
     r["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20 if rt.cuda else None
     r["host_syncs_per_step"] = count_host_syncs(step)
-    # the optimizers alone, on the gradients of one forward and backward
-    with rt.autocast():
-        loss, stats = wrapped(state.train_loader.x, state.train_loader.y)
-    objective(loss, stats, stats.get("load"), args).backward()
+
+    def forward_backward():  # the compiled graph of the step, without the optimizers
+        with rt.autocast():
+            loss, stats = wrapped(state.train_loader.x, state.train_loader.y)
+        objective(loss, stats, stats.get("load"), args).backward()
+
+    r["fwd_bwd_ms"] = timer(lambda: (forward_backward(), model.zero_grad(set_to_none=True)), 1, bench_args.steps)
+    forward_backward()  # the optimizers alone, on these gradients
+    muon = next(opt for opt in optimizers if isinstance(opt, Muon))
     r["optimizer_ms"] = timer(lambda: [opt.step() for opt in optimizers], 1, max(3, bench_args.steps // 3))
+    r["muon_ms"] = timer(muon.step, 0, max(3, bench_args.steps // 3))
+    r["adam_ms"] = timer(lambda: [opt.step() for opt in optimizers if opt is not muon], 0, max(3, bench_args.steps // 3))
+    r["ns_share_8_ranks"] = newton_schulz_share(muon, 8)
+    r["projected_8_rank_ms"] = r["fwd_bwd_ms"] + r["adam_ms"] + r["muon_ms"] * r["ns_share_8_ranks"]
     r["params"] = sum(p.numel() for p in model.parameters())
     return r
+
+
+def newton_schulz_share(muon: Muon, ranks: int) -> float:
+    """The share of Muon's Newton-Schulz FLOPs that the busiest rank owns among `ranks` (the trainer's split)."""
+    params = [p for group in muon.param_groups for p in group["params"]]
+    costs = [newton_schulz_flops(p.shape) for p in params]
+    owners = balance_by_cost(costs, ranks)
+    return max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(ranks)) / sum(costs)
 
 
 def eager_peak_memory(args: Hyperparameters, rt, batch: int) -> float | None:
@@ -241,27 +263,36 @@ def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
                         "measure each model's peak memory in one eager train step (CUDA; an upper bound of the "
                         "compiled step's), e.g. 64,32")
     parser.add_argument("--json", help="write the figures here as JSON")
+    parser.add_argument("--extra_moe", action="append", default=[], metavar="FLAGS",
+                        help="another MoE design to time beside the first, as trainer flags over the others "
+                        "(quoted; repeatable), e.g. \"--num_experts 16 --top_k 3 --expert_hidden 768 "
+                        "--shared_expert_hidden 768\"")
     parser.add_argument("--loader", metavar="GLOB", help="time the data loader alone on these shards, rank 0 of "
                         "--loader_ranks, in the record's order and a sampled one, and exit")
     parser.add_argument("--loader_ranks", type=int, default=8, help="ranks for --loader (default 8)")
     bench_args, rest = parser.parse_known_args(argv)
     trainer = build_parser()
     trainer.set_defaults(**SEED_MOE, **(SMALL if bench_args.size == "small" else {}))
-    try:
-        args = Hyperparameters(**vars(trainer.parse_args(rest)))
-    except SystemExit:
-        parser.print_usage(sys.stderr)
-        raise
-    # one micro-batch per step; no validation
-    args = dataclasses.replace(args, batch_size=args.device_batch_size,
-                               val_tokens=args.device_batch_size * args.sequence_length)
-    if args.num_experts < 2:
-        parser.error(f"--num_experts {args.num_experts}: the benchmark compares an MoE (2 or more experts) with dense")
-    try:
-        check_args(args, world_size=1)
-    except ValueError as e:
-        parser.error(str(e))
-    return bench_args, args
+    designs = []
+    for flags in [rest, *(rest + shlex.split(extra) for extra in bench_args.extra_moe)]:
+        try:
+            args = Hyperparameters(**vars(trainer.parse_args(flags)))
+        except SystemExit:
+            parser.print_usage(sys.stderr)
+            raise
+        # one micro-batch per step; no validation
+        args = dataclasses.replace(args, batch_size=args.device_batch_size,
+                                   val_tokens=args.device_batch_size * args.sequence_length)
+        if args.num_experts < 2:
+            parser.error(f"--num_experts {args.num_experts}: the benchmark compares an MoE (2 or more experts) "
+                         f"with dense")
+        try:
+            check_args(args, world_size=1)
+        except ValueError as e:
+            parser.error(str(e))
+        designs.append(args)
+    bench_args.designs = designs[1:]
+    return bench_args, designs[0]
 
 
 def dense_counterpart(args: Hyperparameters) -> Hyperparameters:
@@ -288,31 +319,51 @@ def main(argv=None):
           f"{moe_args.device_batch_size} x {moe_args.sequence_length} tokens per step", flush=True)
 
     results = {}
-    for mode, args in (("dense", dense_counterpart(moe_args)), ("moe", moe_args)):
+    models = [("dense", dense_counterpart(moe_args)), ("moe", moe_args),
+              *((design_label(args), args) for args in bench_args.designs)]
+    for mode, args in models:
+        def save():  # the figures so far survive a later failure, or a later probe that runs out of memory
+            if bench_args.json:
+                write_json(bench_args, moe_args, rt, device_name, peak, results, [m for m, _ in models])
         r = results[mode] = bench_model(args, rt, bench_args, timer)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12) if peak else None
+        save()
+        print(f"{mode}: train step {r['step_ms']:.2f} ms, forward+backward {r['fwd_bwd_ms']:.2f} ms, optimizers "
+              f"{r['optimizer_ms']:.2f} ms (Muon {r['muon_ms']:.2f}), 8-rank projection {r['projected_8_rank_ms']:.2f} ms",
+              flush=True)
         if bench_args.layer:
             r["layer_ms"] = bench_layer(args, rt, bench_args, timer)
+            save()
         for batch in filter(None, bench_args.memory_batches.split(",")):
             r[f"peak_memory_mib_eager_b{batch}"] = eager_peak_memory(args, rt, int(batch))
-        print(f"{mode}: done", flush=True)
-        if bench_args.json:  # the figures so far survive a later failure
-            write_json(bench_args, moe_args, rt, device_name, peak, results)
+            save()
 
-    print("\n" + table(results, moe_args))
-    print(f"\nMoE/dense train step: {ratios(results)['step_ms']:.3f}x (wins in wall-clock below 1.125x; target 1.05x)")
+    print("\n" + table(results, moe_args) + "\n")
+    for mode, ratio in ratios(results).items():
+        print(f"{mode}/dense: train step {fmt(ratio['step_ms'], '.3f')}x, forward+backward "
+              f"{fmt(ratio['fwd_bwd_ms'], '.3f')}x, 8-rank projection {fmt(ratio['projected_8_rank_ms'], '.3f')}x "
+              f"(the MoE wins in wall-clock below 1.125x; target 1.05x)")
     if bench_args.json:
-        write_json(bench_args, moe_args, rt, device_name, peak, results)
         print(f"wrote {bench_args.json}")
     return results
 
 
 ROWS = [("MLP layer fwd+bwd (ms)", "layer_ms", ".2f"), ("train step (ms, median)", "step_ms", ".2f"),
+        ("forward+backward (ms)", "fwd_bwd_ms", ".2f"), ("optimizer step (ms)", "optimizer_ms", ".2f"),
+        ("Muon step (ms)", "muon_ms", ".2f"), ("Adam steps (ms)", "adam_ms", ".2f"),
+        ("busiest of 8 ranks' Newton-Schulz share", "ns_share_8_ranks", ".3f"),
+        ("projected 8-rank step (ms)", "projected_8_rank_ms", ".2f"),
         ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("peak memory (MiB)", "peak_memory_mib", ",.0f"),
-        ("optimizer step (ms)", "optimizer_ms", ".2f"), ("parameters", "params", ",d"),
-        ("graph breaks", "graph_breaks", "d"), ("recompiles", "recompiles", "d"),
+        ("parameters", "params", ",d"), ("graph breaks", "graph_breaks", "d"), ("recompiles", "recompiles", "d"),
         ("host syncs per step", "host_syncs_per_step", "d")]
-UNRATIOED = {"graph_breaks", "recompiles", "host_syncs_per_step"}
+UNRATIOED = {"graph_breaks", "recompiles", "host_syncs_per_step", "ns_share_8_ranks"}
+
+
+def design_label(args) -> str:
+    """A short name of an MoE design, e.g. 'E16 top-3 H768 S768' (args: Hyperparameters or the JSON's meta)."""
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k)
+    return (f"E{get('num_experts')} top-{get('top_k')}" + (f" H{get('expert_hidden')}" if get("expert_hidden") else "")
+            + (f" S{get('shared_expert_hidden')}" if get("shared_expert_hidden") else ""))
 
 
 def rows(results: dict) -> list[tuple[str, str, str]]:
@@ -323,29 +374,30 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
 
 
 def ratios(results: dict) -> dict:
-    """MoE/dense for every row that has both."""
-    def ratio(key):
-        d, m = results.get("dense", {}).get(key), results.get("moe", {}).get(key)
-        return m / d if d and m is not None and key not in UNRATIOED else None
-    return {key: ratio(key) for _, key, _ in rows(results)}
+    """{MoE model: {row: its figure / dense's}} for every row that both have."""
+    dense = results.get("dense", {})
+    return {mode: {key: (r[key] / dense[key] if dense.get(key) and r.get(key) is not None and key not in UNRATIOED
+                         else None) for _, key, _ in rows(results)}
+            for mode, r in results.items() if mode != "dense"}
 
 
 def table(results: dict, meta) -> str:
-    """The markdown table of the figures (meta: the MoE's Hyperparameters, or the JSON's meta)."""
-    get = meta.get if isinstance(meta, dict) else lambda k: getattr(meta, k)
-    shape = (f", H={get('expert_hidden')}" if get("expert_hidden") else "") + (
-        f", shared {get('shared_expert_hidden')}" if get("shared_expert_hidden") else "")
-    lines = [f"| measure | dense | MoE (E={get('num_experts')}, top-{get('top_k')}{shape}) | MoE/dense |",
-             "|---|---|---|---|"]
+    """The markdown table of the figures (meta: the first MoE's Hyperparameters, or the JSON's meta)."""
+    models = meta.get("models", list(results)) if isinstance(meta, dict) else list(results)
+    moes = [m for m in models if m != "dense"]
+    name = {m: f"MoE ({design_label(meta)})" if m == "moe" else m for m in moes}
+    lines = ["| measure | dense | " + " | ".join(name[m] for m in moes) + " | "
+             + " | ".join(f"{name[m]}/dense" for m in moes) + " |", "|---|" + "---|" * (1 + 2 * len(moes))]
     ratio = ratios(results)
     for label, key, spec in rows(results):
         lines.append(f"| {label} | {fmt(results.get('dense', {}).get(key), spec)} | "
-                     f"{fmt(results.get('moe', {}).get(key), spec)} | {fmt(ratio[key], '.3f')} |")
+                     + " | ".join(fmt(results.get(m, {}).get(key), spec) for m in moes) + " | "
+                     + " | ".join(fmt(ratio.get(m, {}).get(key), ".3f") for m in moes) + " |")
     return "\n".join(lines)
 
 
-def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict):
-    """The figures with what produced them; complete=False until both models are done."""
+def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict, models: list[str]):
+    """The figures with what produced them; complete=False until every model's compiled figures are in."""
     import torch._inductor.config as inductor_config
     meta = dict(device=device_name, torch=torch.__version__, command=" ".join(["python", *sys.argv]),
                 size=bench_args.size, dtype=str(rt.dtype)[6:], compile=rt.compile_model, attention=rt.attention,
@@ -353,7 +405,7 @@ def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, re
                 num_experts=args.num_experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
                 shared_expert_hidden=args.shared_expert_hidden, router=args.router, peak_tflops=peak,
                 coordinate_descent_tuning=bool(rt.compile_model and inductor_config.coordinate_descent_tuning),
-                complete="moe" in results)
+                models=models, complete=all(m in results for m in models))
     tmp = f"{bench_args.json}.tmp"
     with open(tmp, "w") as f:
         json.dump(dict(meta=meta, results=results, ratios=ratios(results)), f, indent=2)
