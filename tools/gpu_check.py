@@ -380,7 +380,8 @@ if "torch" in found:
         expert_matmul(x, w, offs).float().square().mean().backward()
         if found["CUDA"]:
             torch.cuda.synchronize()  # a device-side assert surfaces here
-        assert torch.isfinite(w.grad).all() and torch.count_nonzero(w.grad[0]) == 0
+        assert torch.isfinite(w.grad).all(), "a weight gradient that is not finite"
+        assert torch.count_nonzero(w.grad[0]) == 0, "the empty group's weight gradient is not zero"
         found["grouped GEMM"] = f"{str(dtype)[6:]} forward and backward on {device}, groups of 0, 1, 7, 1000 rows"
     except Exception as e:
         found["grouped GEMM failed"] = failure(e)
