@@ -1154,8 +1154,9 @@ def build_run(args: Hyperparameters, rt: Runtime, log: RunLog,
     accumulation = args.batch_size // (B * rt.world_size)
     if train_loader.batches_per_pass() < args.num_iterations * accumulation:
         log(f"warning: the training shards hold {train_loader.batches_per_pass() // accumulation} "
-            f"steps of data, fewer than --num_iterations {args.num_iterations}; the loader wraps around to "
-            f"the first shard (download more shards to avoid it)")
+            f"steps of data, fewer than --num_iterations {args.num_iterations}; "
+            + ("the loader starts another pass in a new order" if args.data_seed else
+               "the loader wraps around to the first shard") + " (download more shards to avoid it)")
     model = GPT(args).to(rt.device)
     optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
     state = TrainState(model, optimizers, train_loader, TrainClock(sync=rt.sync))

@@ -82,3 +82,14 @@ def test_each_batch_is_trained_on_once_and_the_loader_wraps_with_a_warning(shard
     (ckpt,) = checkpoints(tmp_path)
     assert torch.load(ckpt)["train_loader"] == dict(shard=0, position=consumed * chunk)
     assert "warning: the training shards hold 156 steps of data, fewer than --num_iterations 170" in result.stdout
+
+
+def test_a_sampled_order_past_one_pass_says_it_starts_a_new_order(shards, tmp_path):
+    result = torchrun(1, [*TINY, *data_flags(shards), "--num_iterations", "160", "--warmdown_iters", "1",
+                          "--val_loss_every", "0", "--data_seed", "4", "--log_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 2 shards of (20,000 - 1) // 32 = 624 sequences: 156 steps of 8
+    assert ("warning: the training shards hold 156 steps of data, fewer than --num_iterations 160; the loader "
+            "starts another pass in a new order (download more shards to avoid it)") in result.stdout
+    (ckpt,) = checkpoints(tmp_path)
+    assert torch.load(ckpt)["train_loader"] == dict(sequence=160 * 8, sequences=2 * 624)
