@@ -3,7 +3,8 @@
 #   one process per visible GPU, one CPU process when there is none; NPROC=n overrides
 #   multi-node: NNODES=n RDZV_ENDPOINT=host:port on every node (see README)
 #   --smoke anywhere in the arguments: generate a small synthetic language and train a tiny model on it
-#   SCRIPT=path: another copy of the trainer (records/ab.py runs a git ref's); CHECK_ONLY=1: check, don't train
+#   (flags/tiny.txt); @FILE reads flags from a file (flags/*.txt)
+#   SCRIPT=path: another copy of the trainer (tools/ab.py runs a git ref's); CHECK_ONLY=1: check, don't train
 # Every other argument passes through to the trainer; later flags win over earlier ones.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,10 +17,9 @@ for a in "$@"; do
 done
 if (( smoke )); then
   [[ -f data/smoke/synthetic_val_000000.bin ]] || "$PYTHON" data/synthetic.py --out data/smoke --vocab_size 512
-  smoke_flags=(--input_bin 'data/smoke/synthetic_train_*.bin' --input_val_bin 'data/smoke/synthetic_val_*.bin'
-    --vocab_size 512 --n_layer 2 --n_head 2 --n_embd 128 --sequence_length 128
-    --batch_size 64 --device_batch_size 8 --num_iterations 200 --warmdown_iters 60
-    --val_loss_every 50 --val_tokens 65536)
+  smoke_flags=(@flags/tiny.txt --input_bin 'data/smoke/synthetic_train_*.bin'
+    --input_val_bin 'data/smoke/synthetic_val_*.bin' --num_iterations 200 --warmdown_iters 60
+    --val_loss_every 50 --val_tokens 16384)
   args=("${smoke_flags[@]}" ${args[@]+"${args[@]}"})
 fi
 

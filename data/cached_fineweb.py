@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_gpt2 import ShardError, read_shard_header  # noqa: E402  (one shard check for loader and downloader)
+from shards import ShardError, read_shard_header  # (one shard check for loader and downloader)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -33,8 +33,7 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import prepare  # noqa: E402
+import prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

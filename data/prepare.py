@@ -31,16 +31,12 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import zipfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shards import write_shard  # noqa: E402
-from train_gpt2 import ShardError, load_shard, read_shard_header  # noqa: E402  (one shard format)
+from shards import ShardError, load_shard, read_shard_header, write_shard  # (one shard format)
 
 EOT = 50256  # GPT-2's <|endoftext|>
 GPT2_VOCAB = 50257

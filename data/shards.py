@@ -5,8 +5,10 @@ import sys
 
 import numpy as np
 
+# data/'s one sys.path edit: the repository root, for the trainer's shard format (one format, one reader)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_gpt2 import HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION  # noqa: E402  (one shard format)
+from train_gpt2 import (HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, ShardError, load_shard,  # noqa: E402,F401
+                        read_shard_header)
 
 
 def write_shard(path: str, tokens) -> None:

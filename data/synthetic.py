@@ -9,12 +9,10 @@ reaches the chain's entropy rate, far below the ln(vocab_size) it starts at.
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shards import write_shard  # noqa: E402
+from shards import write_shard
 
 
 class MarkovLanguage:

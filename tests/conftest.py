@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for folder in (ROOT, ROOT / "data", ROOT / "records", ROOT / "tools"):
-    sys.path.insert(0, str(folder))
-
-import synthetic  # noqa: E402
-from compare import parse_step_line  # noqa: E402  (the readers of the trainer's log lines)
+import synthetic
+from compare import parse_step_line  # (the readers of the trainer's log lines)
+from repo_root import ROOT
 
 # a model and batch small enough that a step takes milliseconds on one CPU core
 TINY_VOCAB = 128
@@ -40,7 +37,7 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300, script: Path = R
     """Run a script (train_gpt2.py by default) under a real torchrun (gloo on CPU) with nproc processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 

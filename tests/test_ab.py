@@ -1,4 +1,4 @@
-"""records/ab.py: an A/B of two scripts (or two flag sets) with matched, interleaved pairs, its table, Ctrl-C."""
+"""tools/ab.py: an A/B of two scripts (or two flag sets) with matched, interleaved pairs, its table, Ctrl-C."""
 import json
 import os
 import re
@@ -10,7 +10,7 @@ import time
 from conftest import ROOT, TINY, data_flags, train_losses
 from compare import parse_log
 
-AB = [sys.executable, str(ROOT / "records" / "ab.py")]
+AB = [sys.executable, str(ROOT / "tools" / "ab.py")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "1"}
 
 

@@ -1,4 +1,4 @@
-"""records/compare.py on real logs from the trainer and on hand-made edge cases."""
+"""tools/compare.py on real logs from the trainer and on hand-made edge cases."""
 import math
 import subprocess
 import sys
@@ -7,8 +7,7 @@ import pytest
 
 from conftest import ROOT, TINY, data_flags, torchrun
 
-sys.path.insert(0, str(ROOT / "records"))
-import compare  # noqa: E402
+import compare
 
 FENCE = "=" * 100
 
@@ -89,7 +88,7 @@ def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_stil
     (tmp_path / "foreign.txt").write_text("=" * 100 + "\nprint('x')\n" + "=" * 100 + "\nno steps here\n")
     our_log(tmp_path / "trains_only.txt", [], trains=[(1, 5.0)])
     our_log(tmp_path / "good.txt", [(0, 6.0, 0), (100, 3.2, 1000)])
-    result = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 0
     assert f"skipped {tmp_path / 'empty.txt'}: empty file" in result.stderr
@@ -100,13 +99,13 @@ def test_empty_foreign_and_valless_logs_are_named_and_skipped_and_the_table_stil
     assert len(result.stderr.splitlines()) == 5 and "3.1000" not in result.stdout
     assert f"skipped {tmp_path / 'trains_only.txt'}: no validation line" in result.stderr
     assert "good" in result.stdout and "| 3.2000 | 97 |" in result.stdout  # 3.28 reached near step 97 of 0-100
-    only_bad = subprocess.run([sys.executable, str(ROOT / "records" / "compare.py"), str(tmp_path / "empty.txt")],
+    only_bad = subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), str(tmp_path / "empty.txt")],
                               capture_output=True, text=True)
     assert only_bad.returncode == 1 and "no runs to compare" in only_bad.stderr
 
 
 def test_a_log_copied_into_another_folder_is_one_run(tmp_path, capsys):
-    """records/ab.py --reuse copies a finished run into a second A/B folder: read together, it counts once."""
+    """tools/ab.py --reuse copies a finished run into a second A/B folder: read together, it counts once."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first = our_log(tmp_path / "a" / "run.txt", [(0, 6.0, 0), (100, 3.2, 1000)])

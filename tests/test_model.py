@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, MLP, CausalSelfAttention, Hyperparameters, Rotary, apply_rotary_emb
+from train_gpt2 import GPT, MLP, CausalSelfAttention, Hyperparameters, apply_rotary_emb, rotary
 
 SMALL = Hyperparameters(vocab_size=256, n_layer=2, n_head=2, n_embd=64)
 
@@ -37,9 +37,10 @@ def test_shapes():
     torch.manual_seed(0)
     attn, mlp = CausalSelfAttention(SMALL), MLP(SMALL)
     x = torch.randn(2, 10, SMALL.n_embd)
-    assert attn(x).shape == x.shape and mlp(x).shape == x.shape
+    y, stats = mlp(x)
+    assert attn(x).shape == x.shape and y.shape == x.shape and stats == {}  # the MLP slot's interface
     assert mlp.c_fc.weight.shape == (4 * SMALL.n_embd, SMALL.n_embd)
-    cos, sin = Rotary(32)(torch.zeros(2, 10, 2, 32))
+    cos, sin = rotary(torch.zeros(2, 10, 2, 32))
     assert cos.shape == sin.shape == (1, 10, 1, 16)
     loss, _ = GPT(SMALL)(torch.randint(0, 256, (2, 10)), torch.randint(0, 256, (2, 10)))
     assert loss.shape == ()
@@ -58,7 +59,7 @@ def test_targets_of_minus_one_are_ignored():
 
 def test_rotary_rotates_channel_i_with_channel_i_plus_half():
     head_dim, T = 8, 5
-    cos, sin = Rotary(head_dim)(torch.zeros(1, T, 1, head_dim))
+    cos, sin = rotary(torch.zeros(1, T, 1, head_dim))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     for i in range(head_dim // 2):
         x = torch.zeros(1, T, 1, head_dim)
@@ -74,7 +75,7 @@ def test_rotary_rotates_channel_i_with_channel_i_plus_half():
 def test_rotary_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
     head_dim, T = 16, 12
-    cos, sin = Rotary(head_dim)(torch.zeros(1, T, 1, head_dim))
+    cos, sin = rotary(torch.zeros(1, T, 1, head_dim))
     q, k = torch.randn(head_dim), torch.randn(head_dim)
     rq = apply_rotary_emb(q.expand(1, T, 1, head_dim), cos, sin)[0, :, 0]
     rk = apply_rotary_emb(k.expand(1, T, 1, head_dim), cos, sin)[0, :, 0]

@@ -18,9 +18,8 @@ import pytest
 from conftest import ROOT, TINY, run_log, torchrun, val_losses
 from train_gpt2 import load_shard
 
-sys.path.insert(0, str(ROOT / "data"))
-import open_english  # noqa: E402
-import prepare  # noqa: E402
+import open_english
+import prepare
 
 DOCS = ["A plain text file, one document.\nWith a second line and <|endoftext|> as mere text.",
         "The first JSON line.", "The second JSON line: café, naïve, 東京.", "Gzipped, the third.",

@@ -27,7 +27,7 @@ def commands() -> list[tuple[str, str]]:
 
 
 READS_RECORDS = [(r, c) for r, c in commands()
-                 if c.startswith("python records/compare.py") or c.startswith("python records/ab.py --table")]
+                 if c.startswith("python tools/compare.py") or c.startswith("python tools/ab.py --table")]
 
 
 def test_the_readmes_name_commands_that_read_the_records():
@@ -35,9 +35,10 @@ def test_the_readmes_name_commands_that_read_the_records():
     assert {r for r, _ in READS_RECORDS} >= {"README.md", "records/README.md"}
 
 
-@pytest.mark.parametrize("readme, command", READS_RECORDS, ids=[c[len("python records/"):][:60] for _, c in READS_RECORDS])
+@pytest.mark.parametrize("readme, command", READS_RECORDS, ids=[c[len("python tools/"):][:60] for _, c in READS_RECORDS])
 def test_a_command_that_reads_the_records_runs_as_written(readme, command, tmp_path):
-    (tmp_path / "records").symlink_to(ROOT / "records")  # as from the repository root, files written land here
+    for folder in ("records", "tools"):  # as from the repository root; files written land here
+        (tmp_path / folder).symlink_to(ROOT / folder)
     args = shlex.split(command)
     result = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{readme}: {command}\n{result.stderr[-1500:]}"

@@ -113,7 +113,7 @@ def test_output_scale_multiplies_the_mlp_branch():
     torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
     x = torch.randn(2, 8, 32)
     after_attn = x + block.attn(torch.nn.functional.rms_norm(x, (32,)))
-    expected = after_attn + 0.25 * block.mlp(torch.nn.functional.rms_norm(after_attn, (32,)))
+    expected = after_attn + 0.25 * block.mlp(torch.nn.functional.rms_norm(after_attn, (32,)))[0]
     torch.testing.assert_close(block(x, torch.zeros(2, 8, dtype=torch.long))[0], expected)
 
 

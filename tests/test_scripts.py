@@ -20,7 +20,7 @@ def short_smoke_run(script, tmp_path):
     _, lines = run_log(tmp_path)
     val = val_losses(lines)
     assert sorted(val) == [0, 20, 40]
-    assert abs(val[0] - 6.2383) < 1e-3 and val[40] < 3.0, val  # ln(512), then far below it
+    assert abs(val[0] - 6.2383) < 1e-3 and val[40] < 4.2, val  # ln(512), then two nats below it
     return result, lines
 
 
@@ -34,8 +34,7 @@ def test_a_bad_flag_stops_before_launch_with_one_line(tmp_path):
     result = launch("run_dense.sh", "--smoke", "--batch_size", "12", "--log_dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --batch_size 12 is not a multiple of --device_batch_size 8 x 2 ranks = 16; "
-        "pick a batch_size that is, or change device_batch_size")
+        "error: --batch_size 12 is not a multiple of --device_batch_size 4 x 2 ranks = 8; change either")
     assert "torch.distributed" not in result.stderr and not list(tmp_path.iterdir())
 
 

@@ -4,7 +4,7 @@ model, optimizers, runtime (precision, compile, attention backend) and train_ste
 finds it times the whole train step, the optimizer step alone and (optionally) the MLP layer alone, and
 counts graph breaks, recompiles and host syncs of the compiled step.
 
-    python tools/bench.py                          # CPU: --size small, eager float32; CUDA: the trainer's full size, compiled bf16
+    python tools/bench.py                          # CPU: --size tiny, eager float32; CUDA: the trainer's full size, compiled bf16
     python tools/bench.py --device_batch_size 32   # any trainer flag: it sets the MoE (default: the seed's, as run_moe.sh)
     python tools/bench.py --num_experts 16 --top_k 4 --expert_hidden 768 --json bench.json --peak_tflops 989
     python tools/bench.py --size full --loader 'data/fineweb10B/fineweb_train_*.bin'  # the data loader alone
@@ -26,20 +26,19 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
-from compare import fmt  # noqa: E402
-from train_gpt2 import (GPT, MLP, DistributedDataLoader, Hyperparameters, MoE, Muon, ROUTERS,  # noqa: E402
+from compare import fmt, markdown
+from repo_root import ROOT
+from train_gpt2 import (GPT, MLP, DistributedDataLoader, Hyperparameters, MoE, Muon, ROUTERS,
                         TrainClock, TrainState, balance_by_cost, build_parser, check_args, cpu_model, make_optimizers,
-                        newton_schulz_flops, objective, setup_runtime, train_step, wrap_model)
+                        newton_schulz_flops, objective, setup_runtime, train_step)
 
-# the trainer's defaults are the full size; small is a CPU-sized model (flags given on the command line win)
-SMALL = dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=256, sequence_length=256, device_batch_size=8)
-SEED_MOE = dict(num_experts=4, top_k=1, aux_loss_coef=0.01)  # run_moe.sh: the MoE when no flag says otherwise
+# the MoE when no flag says otherwise (run_moe.sh's), and the sizes: full is the trainer's defaults, tiny the CPU
+# size of flags/tiny.txt; flags given on the command line win
+SEED_MOE_FLAGS = str(ROOT / "flags" / "seed_moe.txt")
+SIZE_FLAGS = dict(full=[], tiny=["@" + str(ROOT / "flags" / "tiny.txt")])
 # dense bf16 tensor-core peaks (TFLOP/s), for MFU; --peak_tflops for anything else
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("B200", 2250.0),
                ("A100", 312.0)]
@@ -147,7 +146,7 @@ def bench_model(args: Hyperparameters, rt, bench_args, timer: Timer) -> dict:
     torch.manual_seed(0)
     model = GPT(args).to(rt.device)
     optimizers = make_optimizers(model, args, rt.dtype, compile_ns=rt.compile_model)
-    wrapped = wrap_model(model, rt)
+    wrapped = torch.compile(model) if rt.compile_model else model  # one process: no DDP
     state = TrainState(model, optimizers, FixedBatch(args, rt.device), TrainClock())
     health = GraphHealth() if rt.compile_model else None
 
@@ -224,7 +223,7 @@ def bench_layer(args: Hyperparameters, rt, bench_args, timer: Timer) -> float:
 
     def step():
         with rt.autocast():
-            y = run(x, idx)[0] if config.num_experts > 1 else run(x)
+            y = run(x, idx)[0]
         y.float().square().mean().backward()
     return timer(step, bench_args.warmup, bench_args.steps)
 
@@ -252,8 +251,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every other flag is the trainer's (python train_gpt2.py --help).")
-    parser.add_argument("--size", choices=["full", "small"], default="full" if cuda else "small",
-                        help="full: the trainer's defaults (the record's model and per-GPU batch); small: a CPU size")
+    parser.add_argument("--size", choices=list(SIZE_FLAGS), default="full" if cuda else "tiny",
+                        help="full: the trainer's defaults (the record's model and per-GPU batch); tiny: "
+                        "flags/tiny.txt, a CPU size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
     parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True,
@@ -271,12 +271,11 @@ def parse(argv=None) -> tuple[argparse.Namespace, Hyperparameters]:
                         "--loader_ranks, in the record's order and a sampled one, and exit")
     parser.add_argument("--loader_ranks", type=int, default=8, help="ranks for --loader (default 8)")
     bench_args, rest = parser.parse_known_args(argv)
-    trainer = build_parser()
-    trainer.set_defaults(**SEED_MOE, **(SMALL if bench_args.size == "small" else {}))
+    trainer, defaults = build_parser(), ["@" + SEED_MOE_FLAGS, *SIZE_FLAGS[bench_args.size]]
     designs = []
     for flags in [rest, *(rest + shlex.split(extra) for extra in bench_args.extra_moe)]:
         try:
-            args = Hyperparameters(**vars(trainer.parse_args(flags)))
+            args = Hyperparameters(**vars(trainer.parse_args(defaults + flags)))
         except SystemExit:
             parser.print_usage(sys.stderr)
             raise
@@ -386,14 +385,10 @@ def table(results: dict, meta) -> str:
     models = meta.get("models", list(results)) if isinstance(meta, dict) else list(results)
     moes = [m for m in models if m != "dense"]
     name = {m: f"MoE ({design_label(meta)})" if m == "moe" else m for m in moes}
-    lines = ["| measure | dense | " + " | ".join(name[m] for m in moes) + " | "
-             + " | ".join(f"{name[m]}/dense" for m in moes) + " |", "|---|" + "---|" * (1 + 2 * len(moes))]
     ratio = ratios(results)
-    for label, key, spec in rows(results):
-        lines.append(f"| {label} | {fmt(results.get('dense', {}).get(key), spec)} | "
-                     + " | ".join(fmt(results.get(m, {}).get(key), spec) for m in moes) + " | "
-                     + " | ".join(fmt(ratio.get(m, {}).get(key), ".3f") for m in moes) + " |")
-    return "\n".join(lines)
+    return markdown(["measure", "dense", *(name[m] for m in moes), *(f"{name[m]}/dense" for m in moes)],
+                    [[label, *(fmt(results.get(m, {}).get(key), spec) for m in ["dense", *moes]),
+                      *(fmt(ratio.get(m, {}).get(key), ".3f") for m in moes)] for label, key, spec in rows(results)])
 
 
 def write_json(bench_args, args: Hyperparameters, rt, device_name: str, peak, results: dict, models: list[str]):

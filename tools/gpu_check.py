@@ -62,20 +62,20 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "records"))
-sys.path.insert(0, str(ROOT / "tools"))
-import bench as bench_tool  # noqa: E402  (one table of its figures)
-from compare import fmt  # noqa: E402
+import bench as bench_tool  # (one table of its figures)
+from compare import fmt, markdown
+from repo_root import ROOT
 
 # model and batch of the bench and the end-to-end runs: the same, so that the e2e runs reuse the bench's
 # compiled kernels from the shared inductor cache
 # (e2e: the clock leaves out a session's first 10 steps, so about stop_after - 10 and steps - stop_after - 10 are
 # the steps each part times: the run stops at the first step boundary after the SIGTERM, a step or two later)
 FULL = dict(flags=[], batch=64, sequence_length=1024, vocab_size=50304, n_embd=768, steps=42, stop_after=20)
-TINY = dict(flags=["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--dtype", "bfloat16", "--compile"],
-            batch=4, sequence_length=64, vocab_size=512, n_embd=64, steps=34, stop_after=15)
+TINY_FLAGS = str(ROOT / "flags" / "tiny.txt")  # the tiny CPU size, in bf16 and compiled as on a GPU
+_tiny = bench_tool.Hyperparameters(**vars(bench_tool.build_parser().parse_args(["@" + TINY_FLAGS])))
+TINY = dict(flags=["@" + TINY_FLAGS, "--dtype", "bfloat16", "--compile"], batch=_tiny.device_batch_size,
+            sequence_length=_tiny.sequence_length, vocab_size=_tiny.vocab_size, n_embd=_tiny.n_embd, steps=34,
+            stop_after=15)
 MIN_TIMED_STEPS = 5  # a part of the e2e run must time at least this many steps for its step_avg to mean much
 
 
@@ -370,7 +370,6 @@ if "torch" in found:
         except Exception as e:
             found["cuDNN attention failed"] = failure(e)
     try:  # the MoE's grouped GEMM (bf16 on a GPU) forward and backward, with empty and odd groups
-        sys.path.insert(0, ".")
         from train_gpt2 import expert_matmul
         dtype = torch.bfloat16 if found["CUDA"] else torch.float32
         counts = [0, 1, 7, 1000]
@@ -631,13 +630,13 @@ def summary_markdown(s: dict) -> str:
              f"- device: {s.get('device')}; torch {s.get('torch')}, CUDA {s.get('cuda')}, driver {s.get('driver')}; "
              f"{s.get('date')}",
              f"- command: `{s.get('command')}`", f"- result: **{s.get('result', 'running')}**", "",
-             "| stage | status | time | cap | compiles (planned) | inductor graphs compiled / from cache | reason |",
-             "|---|---|---|---|---|---|---|"]
-    for name, st in s["stages"].items():
-        lines.append(f"| {name} | {st['status']} | {fmt(st.get('seconds'), '.0f')} s | {st['cap_s']} s | "
-                     f"{fmt(st.get('compiles'), 'd')} ({st['planned_compiles']}) | "
-                     f"{fmt(st.get('inductor_graphs_compiled'), 'd')} / {fmt(st.get('inductor_graphs_from_cache'), 'd')} | "
-                     f"{st.get('reason', '')} |")
+             markdown(["stage", "status", "time", "cap", "compiles (planned)", "inductor graphs compiled / from cache",
+                       "reason"],
+                      [[name, st["status"], f"{fmt(st.get('seconds'), '.0f')} s", f"{st['cap_s']} s",
+                        f"{fmt(st.get('compiles'), 'd')} ({st['planned_compiles']})",
+                        f"{fmt(st.get('inductor_graphs_compiled'), 'd')} / "
+                        f"{fmt(st.get('inductor_graphs_from_cache'), 'd')}", st.get("reason", "")]
+                       for name, st in s["stages"].items()])]
     figures = s["figures"]
     if figures.get("tests"):
         lines += ["", "Tests (`tests/test_cuda.py`): " + ", ".join(f"{n} {k}" for k, n in figures["tests"].items())]
@@ -659,14 +658,14 @@ def summary_markdown(s: dict) -> str:
                 f"~462,000 tokens/s per H100."]
     runs = {k: v for k, v in figures.items() if k.startswith("e2e")}
     if runs:
-        lines += ["", "## End to end (one process: train, SIGTERM, `--resume latest`)", "",
-                  "| run | val loss at 0 | val loss at the end | step_avg at the stop / end (ms) | resumed at | "
-                  "first loss after it (last 5 before) | peak memory (MiB) |", "|---|---|---|---|---|---|---|"]
-        for mode, f in runs.items():
-            before = ", ".join(f"{x:.3f}" for x in f.get("losses_before_stop", []))
-            lines.append(f"| {mode} | {f['val_loss_start']:.4f} | {f['val_loss_end']:.4f} | "
-                         f"{fmt(f.get('step_avg_ms_part1'), '.2f')} / {f['step_avg_ms']:.2f} | {f.get('resumed_at')} | "
-                         f"{fmt(f.get('first_loss_after_resume'), '.3f')} ({before}) | {fmt(f['peak_memory_mib'], 'd')} |")
+        header = ["run", "val loss at 0", "val loss at the end", "step_avg at the stop / end (ms)", "resumed at",
+                  "first loss after it (last 5 before)", "peak memory (MiB)"]
+        lines += ["", "## End to end (one process: train, SIGTERM, `--resume latest`)", "", markdown(header, [
+            [mode, f"{f['val_loss_start']:.4f}", f"{f['val_loss_end']:.4f}",
+             f"{fmt(f.get('step_avg_ms_part1'), '.2f')} / {f['step_avg_ms']:.2f}", str(f.get("resumed_at")),
+             f"{fmt(f.get('first_loss_after_resume'), '.3f')} ("
+             + ", ".join(f"{x:.3f}" for x in f.get("losses_before_stop", [])) + ")", fmt(f["peak_memory_mib"], "d")]
+            for mode, f in runs.items()])]
     if figures.get("preflight"):
         lines += ["", "Preflight: " + "; ".join(f"{k}: {v}" for k, v in figures["preflight"].items())]
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in s["files"]), ""]

@@ -14,7 +14,7 @@ COMMON=(--input_bin 'data/open_english/open_english_train_*.bin' --input_val_bin
   --val_loss_every 250 --val_tokens 131072)
 MOE="--num_experts 16 --top_k 3 --expert_hidden 128 --shared_expert_hidden 128 --aux_loss_coef 0.01"
 export OMP_NUM_THREADS=1
-ab() { python records/ab.py --same_script --nproc 1 --jobs 2 "$@"; }  # two runs at a time, one a core
+ab() { python tools/ab.py --same_script --nproc 1 --jobs 2 "$@"; }  # two runs at a time, one a core
 
 case "${1:-}" in
   tune)

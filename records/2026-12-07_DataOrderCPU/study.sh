@@ -12,7 +12,7 @@ COMMON=(--input_bin 'data/open_english/open_english_train_*.bin' --input_val_bin
   --val_loss_every 0 --val_tokens 0 --mlp_output_scale 0.01)
 MOE="--num_experts 16 --top_k 3 --expert_hidden 128 --shared_expert_hidden 128 --aux_loss_coef 0.01"
 export OMP_NUM_THREADS=1
-ab() { python records/ab.py --same_script --nproc 1 --jobs 2 --runs 6 --seed_offset 11 "$@"; }
+ab() { python tools/ab.py --same_script --nproc 1 --jobs 2 --runs 6 --seed_offset 11 "$@"; }
 
 case "${1:-}" in
   per_token)

@@ -4,8 +4,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from train_gpt2 import Muon  # noqa: E402
+from train_gpt2 import Muon  # (conftest's torchrun puts the repository root on PYTHONPATH)
 
 SHAPES = [(24, 16), (16, 24), (16, 16), (3, 16, 24), (8, 16)]  # a 3-D stack of experts among them
 

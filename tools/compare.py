@@ -2,11 +2,11 @@
 Compare training runs from their logs: ours (train_gpt2.py) and the NanoGPT speedrun's own, which share
 the line format; the MoE router lines of ours are optional to this reader.
 
-    python records/compare.py records/                      # every log under records/, one table
-    python records/compare.py logs/a.txt logs/b.txt --target 3.28
-    python records/compare.py records/ --group              # mean, std and p-value per configuration
-    python records/compare.py records/ --group --baseline "dense scale0.01"  # paired and Welch's tests against it
-    python records/compare.py records/ --plot curves.png    # needs matplotlib
+    python tools/compare.py records/                      # every log under records/, one table
+    python tools/compare.py logs/a.txt logs/b.txt --target 3.28
+    python tools/compare.py records/ --group              # mean, std and p-value per configuration
+    python tools/compare.py records/ --group --baseline "dense scale0.01"  # paired and Welch's tests against it
+    python tools/compare.py records/ --plot curves.png    # needs matplotlib
 
 A log that is empty, foreign (no step lines) or has no validation line is named on stderr and skipped. A
 run that stopped before its last step (crashed, preempted, still running, or cut off mid-line) is listed
@@ -25,12 +25,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt2 import ROUTERS, Hyperparameters  # noqa: E402
+import repo_root  # noqa: F401  (puts the repository root on sys.path, for train_gpt2)
+from train_gpt2 import ROUTERS, Hyperparameters
 
 FENCE = "=" * 100
 # flags that do not change what a run computes: runs that differ only in these are one configuration
-RUN_CONTROL = {f.name for f in dataclasses.fields(Hyperparameters) if f.metadata["run_control"]}
+RUN_CONTROL = {f.name for f in dataclasses.fields(Hyperparameters) if "run_control" in f.metadata["roles"]}
 DEFAULTS = dataclasses.asdict(Hyperparameters())
 
 # The readers of train_gpt2.py's line formats (VAL_LINE, TRAIN_LINE, the router lines, PEAK_MEMORY_LINE),
@@ -229,7 +229,7 @@ def parse_log(path: Path) -> Run:
 
 
 def find_logs(paths: list[str]) -> list[Path]:
-    """The .txt files under paths, each run once: a log copied into another folder (records/ab.py --reuse) or
+    """The .txt files under paths, each run once: a log copied into another folder (tools/ab.py --reuse) or
     named twice is the same run, and counting it twice would shrink every spread."""
     found, first_of = [], {}
     for p in map(Path, paths):

@@ -4,9 +4,9 @@ HEAD by default), with the same flags, N runs a side, interleaved new, base, new
 of the machine's speed falls on both sides alike. Run i of each side uses --seed and --data_seed S+i (S =
 --seed_offset), so the pairs are matched: the same initialisation and the same data order.
 
-    python records/ab.py --runs 6 -- --num_iterations 500            # new vs HEAD, any trainer flags after --
-    python records/ab.py --base main~3 --runs 3 --target 3.28 -- ...  # against another commit
-    python records/ab.py --same_script --new_flags "--mlp_output_scale 0.3" --runs 6 -- ...  # flags only
+    python tools/ab.py --runs 6 -- --num_iterations 500            # new vs HEAD, any trainer flags after --
+    python tools/ab.py --base main~3 --runs 3 --target 3.28 -- ...  # against another commit
+    python tools/ab.py --same_script --new_flags "--mlp_output_scale 0.3" --runs 6 -- ...  # flags only
 
 It prints each side's final val loss (mean ± std), the difference with Welch's and the paired t-test (and the
 latter's 95% interval), the step_avg ratio, the time-to-target ratio where both sides reach the target, and
@@ -29,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "records"))
-from compare import (NO_SPREAD, LogError, fmt, fmt_p, markdown, mean_sd, one_sided_p_value,  # noqa: E402
-                     paired_test, parse_log, welch_test)
-from train_gpt2 import parse_args  # noqa: E402
+from compare import (NO_SPREAD, LogError, fmt, fmt_p, markdown, mean_sd, one_sided_p_value, paired_test,
+                     parse_log, welch_test)
+from repo_root import ROOT
+from train_gpt2 import parse_args
 
 MANIFEST = "ab.json"  # which log is which side and pair
 
@@ -105,7 +104,7 @@ def load_pairs(out: Path) -> tuple[dict, dict]:
     """The manifest and, per side, {pair: Run} of the finished runs, each checked against its entry; a log
     whose bytes equal another's is one run, counted once."""
     if not (out / MANIFEST).is_file():
-        raise SystemExit(f"error: {out} has no {MANIFEST}, so it is not an A/B folder (records/ab.py writes one)")
+        raise SystemExit(f"error: {out} has no {MANIFEST}, so it is not an A/B folder (tools/ab.py writes one)")
     manifest = json.loads((out / MANIFEST).read_text())
     runs, seen = {"new": {}, "base": {}}, {}
     for entry in manifest["runs"]:
