@@ -96,7 +96,11 @@ def ddp_worker(rank: int, world_size: int, init_file: str, out: str, fault_rank)
         message = str(e)
     with open(f"{out}.{rank}", "w") as f:
         f.write(message)
+    dist.barrier()
     dist.destroy_process_group()
+    # skip the interpreter's teardown, where gloo's threads abort ~1 process in 20 (as train_gpt2.py's exit)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("fault_rank", [None, 0], ids=["idle-expert", "planted-gradient-on-rank-0"])
