@@ -1,10 +1,12 @@
 """Shared fixtures: tiny synthetic shards, and helpers that run the trainer through torchrun."""
+import contextlib
+import io
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,6 +43,21 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300, script: Path = R
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_trainer(args: list[str]) -> SimpleNamespace:
+    """One process of train_gpt2.py, in this one (no torchrun: the trainer then runs alone, as one rank does):
+    its exit status and what it printed. For anything distributed, or a signal, use torchrun()."""
+    import train_gpt2
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            mp.delenv(name, raising=False)
+        try:
+            code = train_gpt2.main(args)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def run_log(log_dir: Path) -> tuple[Path, list[str]]:
     """The single run log in log_dir and its lines."""
     logs = sorted(log_dir.glob("*.txt"))
@@ -67,7 +84,7 @@ LN_TINY_VOCAB = math.log(TINY_VOCAB)
 def tiny_checkpoint(shards, tmp_path_factory) -> Path:
     """A real checkpoint of a 2-step single-process run of the TINY model."""
     log_dir = tmp_path_factory.mktemp("tiny_run")
-    result = torchrun(1, [*TINY, *data_flags(shards), "--num_iterations", "2", "--warmdown_iters", "1",
+    result = run_trainer([*TINY, *data_flags(shards), "--num_iterations", "2", "--warmdown_iters", "1",
                           "--val_loss_every", "0", "--log_dir", str(log_dir)])
     assert result.returncode == 0, result.stderr[-2000:]
     return checkpoints(log_dir)[-1]

@@ -22,10 +22,20 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+_REFERENCES = {}  # id(G): (G, its fp32 and eager bf16 results); G is kept, so its id names it alone
+
+
+def newton_schulz_references(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager Newton-Schulz of G in fp32 and in bf16, computed once per G (bf16 matmuls are slow on a CPU)."""
+    if id(G) not in _REFERENCES:
+        _REFERENCES[id(G)] = (G, zeropower_via_newtonschulz5(G, steps=5, dtype=torch.float32),
+                              zeropower_via_newtonschulz5(G, steps=5, dtype=torch.bfloat16))
+    return _REFERENCES[id(G)][1:]
+
+
 def check_newton_schulz(candidate, G: torch.Tensor) -> dict:
     """candidate(G, steps=5, dtype=bf16) (e.g. the compiled Newton-Schulz) against fp32 and eager bf16 on G."""
-    fp32 = zeropower_via_newtonschulz5(G, steps=5, dtype=torch.float32)
-    eager = zeropower_via_newtonschulz5(G, steps=5, dtype=torch.bfloat16)
+    fp32, eager = newton_schulz_references(G)
     out = candidate(G, steps=5, dtype=torch.bfloat16)
     spread, error = relative_error(eager, fp32), relative_error(out, fp32)
     values = torch.linalg.svdvals(out.float())

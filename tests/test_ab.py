@@ -161,3 +161,60 @@ def test_time_to_target_is_interpolated_and_one_side_reaching_it_wins_the_pair(t
     # linear from 6.0 at step 0: new reaches 3.28 at 2.72/3.0 of 1300 ms, base at 2.72/2.9 of 1000 ms
     assert f"| {(2.72 / 3.0 * 1300) / (2.72 / 2.9 * 1000):.3f} (1 pairs) |" in table
     assert "| first to 3.28 (one side reaching it wins the pair) | new in 1, base in 1, neither in 1 |" in table
+
+
+def test_the_table_computes_each_row_from_the_runs(tmp_path):
+    """Every figure of the table against scipy on the same final losses: Welch's test over all runs, the paired
+    test and its interval, the step_avg ratio (1300 ms against 1000 ms over the 90 timed steps of 100) and the
+    speedrun's record rule, both ways."""
+    from scipy import stats
+    new, base = [3.20, 3.25, 3.22], [3.30, 3.28, 3.35]
+    code, table, _ = ab_table(ab_folder(tmp_path / "ab", dict(new=new, base=base)))
+    assert code == 0
+    welch = stats.ttest_ind(new, base, equal_var=False)
+    paired = stats.ttest_rel(new, base)
+    diffs = [a - b for a, b in zip(new, base)]
+    mean, sd = sum(diffs) / 3, stats.tstd(diffs)
+    half = stats.t.ppf(0.975, 2) * sd / 3 ** 0.5
+    assert f"| Welch's t-test (all finished runs) | t = {welch.statistic:.2f}, p = {welch.pvalue:.3g} |" in table
+    assert f"| paired t-test | t = {paired.statistic:.2f}, p = {paired.pvalue:.3g} |" in table
+    assert f"| mean difference of final val (paired) | {mean:+.4f} ± {sd:.4f} |" in table
+    assert f"| 95% interval of the mean difference (paired t) | [{mean - half:+.4f}, {mean + half:+.4f}] |" in table
+    assert "| step_avg ratio (mean over pairs) | 1.300 |" in table
+    below = stats.ttest_1samp(new, 3.28, alternative="less").pvalue
+    assert f"| new | working tree | - | 3 | 3.2233 ± 0.0252 | 14.44 ms | {below:.3g} |" in table
+    assert f"the new side does not meet it (n = 3, p = {below:.3g})" in table  # 0.0299: not below 0.01
+    fast = [3.10, 3.11, 3.12]
+    code, table, _ = ab_table(ab_folder(tmp_path / "ab2", dict(new=fast, base=base)))
+    p = stats.ttest_1samp(fast, 3.28, alternative="less").pvalue
+    assert code == 0 and p < 0.01 and f"the new side meets it (n = 3, p = {p:.3g})" in table
+
+
+def test_an_ab_goes_on_in_its_folder_and_reuses_finished_runs_elsewhere(shards, tmp_path):
+    """--base_flags set the base side only; rerunning into the folder runs only the pairs not done; --reuse copies
+    finished runs of the same script, flags and seeds from another folder instead of running them again."""
+    common = ["--same_script", "--base_flags", "--mlp_output_scale 0.5", "--seed_offset", "3"]
+    flags = ["--", *trainer_flags(shards, steps=4, val_every=0)]
+    first = tmp_path / "first"
+    result = subprocess.run([*AB, *common, "--runs", "1", "--out", str(first), *flags], cwd=ROOT, capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = manifest(first)["runs"]
+    scales = {e["side"]: parse_log(first / e["log"]).hyper["mlp_output_scale"] for e in before}
+    assert scales == dict(new=1.0, base=0.5)
+    result = subprocess.run([*AB, *common, "--runs", "2", "--out", str(first), *flags], cwd=ROOT, capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    started = [l for l in result.stdout.splitlines() if l.startswith("ab: pair") and ".py " in l]
+    assert len(started) == 2 and all(l.startswith("ab: pair 2/2") for l in started)  # pair 1 was done
+    after = manifest(first)["runs"]
+    assert after[:2] == before and [(e["side"], e["pair"], e["status"]) for e in after[2:]] == [
+        ("new", 1, 0), ("base", 1, 0)]
+    second = tmp_path / "second"
+    result = subprocess.run([*AB, *common, "--runs", "2", "--out", str(second), "--reuse", str(first), *flags],
+                            cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("ab: reused ") == 4 and ": exited " not in result.stdout  # nothing ran
+    assert {e["log"] for e in manifest(second)["runs"]} == {e["log"] for e in after}
+    assert all((second / e["log"]).read_bytes() == (first / e["log"]).read_bytes() for e in after)
+    assert ab_table(second)[1].split("\n", 1)[1] == ab_table(first)[1].split("\n", 1)[1]  # (its first line: the folder)

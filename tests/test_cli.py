@@ -1,10 +1,14 @@
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
 
+import train_gpt2
 from conftest import ROOT, TINY, data_flags
 from train_gpt2 import Hyperparameters, build_parser, get_lr, parse_args
 
@@ -47,8 +51,30 @@ def test_lr_schedule_is_constant_then_linear_warmdown():
 
 
 def check(args, world_size=1):
-    return subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--check_only", *args], cwd=ROOT,
-                          capture_output=True, text=True, env={"WORLD_SIZE": str(world_size), "PATH": ""}, timeout=60)
+    """train_gpt2.py --check_only, in this process (WORLD_SIZE as torchrun sets it): its exit status and output.
+    test_a_real_process_checks_without_a_traceback runs the same in a process of its own."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("WORLD_SIZE", str(world_size))
+        mp.delenv("RANK", raising=False)
+        try:
+            code = train_gpt2.main(["--check_only", *args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_a_real_process_checks_without_a_traceback(shards):
+    def real(args):
+        return subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--check_only", *args], cwd=ROOT,
+                              capture_output=True, text=True, env={"WORLD_SIZE": "4", "PATH": ""}, timeout=60)
+    bad = real([*TINY, *data_flags(shards), "--batch_size", "8"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --batch_size 8 is not a multiple of --device_batch_size 4 x 4 ranks = 16; change either"]
+    good = real([*TINY, *data_flags(shards), "--batch_size", "16"])
+    assert good.returncode == 0 and good.stdout.strip() == (
+        "ok: the flags, the data and the checkpoint check out for 4 rank(s)"), good.stderr
 
 
 BAD_INPUTS = [
@@ -139,6 +165,9 @@ def test_bad_checkpoints_get_one_clear_line(shards, tiny_checkpoint, tmp_path):
         (["--resume", str(tiny_checkpoint), "--n_layer", "3", "--num_experts", "4"],
          f"error: --resume {tiny_checkpoint}: the model, its optimizers or the data order differ in n_layer (checkpoint 2, now 3), "
          f"num_experts (checkpoint 1, now 4); resume with the checkpoint's values"),
+        (["--resume", str(tiny_checkpoint), "--data_seed", "2"],  # another data order is another run
+         f"error: --resume {tiny_checkpoint}: the model, its optimizers or the data order differ in data_seed "
+         f"(checkpoint 0, now 2); resume with the checkpoint's values"),
         (["--resume", "latest", "--log_dir", str(tmp_path / "empty")],
          f"error: --resume latest: no state_step*.pt under {tmp_path}/empty/*/"),
         (["--keep_checkpoints", "-1"], "error: --keep_checkpoints must be >= 0, got -1"),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, data_flags, torchrun
+from conftest import ROOT, TINY, data_flags, run_trainer
 
 import compare
 
@@ -220,7 +220,7 @@ def test_branch_scale_of_a_null_bias_run_and_of_a_scaled_dense_run(tmp_path):
 def test_logs_from_real_runs(shards, tmp_path):
     """The trainer's own logs (dense and MoE), read back: the table has their numbers."""
     for name, flags in [("dense", []), ("moe", ["--num_experts", "4", "--aux_loss_coef", "0.01"])]:
-        result = torchrun(1, [*TINY, *data_flags(shards), *flags, "--num_iterations", "20", "--warmdown_iters", "5",
+        result = run_trainer([*TINY, *data_flags(shards), *flags, "--num_iterations", "20", "--warmdown_iters", "5",
                               "--val_loss_every", "10", "--log_dir", str(tmp_path / name)])
         assert result.returncode == 0, result.stderr[-2000:]
     runs = compare.load_runs([str(tmp_path)])
@@ -334,3 +334,39 @@ def test_pairs_show_the_sign_that_unmatched_runs_on_another_data_order_hide(tmp_
     assert cells[8] == "1 / 3"  # the older loader's MoE run and the three record-order dense runs
     assert ("the runs read 3 on sampled orders, 1 on windows orders against 3 on record order, 3 on sampled "
             "orders, so the unpaired difference mixes the data with the configurations") in out
+
+
+def test_the_comparison_at_its_edges(tmp_path):
+    """A side of one run, a baseline of one finished run, an unfinished run (left out of Welch's test), two
+    configurations whose short labels would collide, and a step_avg that is not a number."""
+    from scipy import stats
+
+    def dense(name, seed, final, muon_lr=0.02, warmup=0, finished=True, nan_avg=False):
+        hyper = dict(batch_size=8, sequence_length=32, num_experts=1, num_iterations=100, seed=seed,
+                     data_seed=seed, muon_lr=muon_lr, head_lr=0.002 * muon_lr / 0.02, embed_lr=0.3 * muon_lr / 0.02,
+                     warmup_iters=warmup)
+        vals = [(0, 6.0, 0)] + ([(100, final, 0 if nan_avg else 900)] if finished else [(50, final, 450)])
+        return our_log(tmp_path / f"{name}.txt", vals, hyper=hyper)
+    for seed, final in zip((1, 2, 3), (3.30, 3.32, 3.31)):
+        dense(f"base{seed}", seed, final)
+    dense("base_unfinished", 4, 2.0, finished=False)  # stopped at step 50: not in any statistic
+    for seed, final in zip((1, 2, 3), (3.25, 3.28, 3.24)):
+        dense(f"warm{seed}", seed, final, warmup=5)  # agrees with base on the first three settings that differ
+    dense("fast1", 1, 3.20, muon_lr=0.04, warmup=5, nan_avg=True)  # one run, step_avg nan
+    runs = compare.load_runs([str(tmp_path)])
+    labels = list(compare.groups(runs))
+    assert len(labels) == len(set(labels)) == 3  # the colliding label got a suffix instead of merging runs
+    base = next(l for l in labels if "muon_lr=0.02" in l and "#" not in l)
+    warm = next(l for l in labels if l.startswith(base) and "#" in l)
+    table = compare.comparison_table(runs, base)
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    welch = stats.ttest_ind([3.25, 3.28, 3.24], [3.30, 3.32, 3.31], equal_var=False)
+    assert row[warm][3] == f"{welch.pvalue:.3g}" and row[warm][4] == "3"  # 3 base runs, not 4: unfinished out
+    assert row[warm][8] == "0 / 0"
+    fast = next(l for l in labels if "muon_lr=0.04" in l)
+    assert row[fast][1:5] == ["1", f"{3.20 - (3.30 + 3.32 + 3.31) / 3:+.4f}", "-", "1"]  # one run: no test
+    assert row[fast][6:8] == ["-", "-"] and row[fast][9].strip(" |") == "-"  # no paired test; nan step_avg: no ratio
+    subset = [r for r in runs if r.path.name in ("base1.txt", "warm1.txt", "warm2.txt")]
+    one = compare.comparison_table(subset, "dense (warmup_iters=0)")  # a baseline of one finished run
+    cells = one.splitlines()[2].split(" | ")
+    assert cells[1:5] == ["2", f"{(3.25 + 3.28) / 2 - 3.30:+.4f}", "-", "1"] and "nan" not in one

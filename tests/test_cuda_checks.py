@@ -2,6 +2,7 @@
 (On a GPU they judge the compiled kernels; here eager stand-ins take their place.)"""
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -67,9 +68,33 @@ def moe_and_tokens():
     return moe, *normalised_tokens(256, torch.device("cpu"), batch=2, length=128)
 
 
+def looped_block(moe, square=True):
+    """The MoE block written another way, as a correct candidate must be: a loop over experts whose first
+    projection accumulates in fp32 and rounds once to bf16, so it rounds differently from the block's grouped GEMM.
+    square=False plants a fault (ReLU, not ReLU^2)."""
+    def block(x, idx):
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)
+        experts, gates, _ = moe.router(flat, idx.reshape(B * T))
+        y = torch.zeros(B * T, C, dtype=torch.bfloat16)
+        for e in range(moe.num_experts):
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            with torch.autocast("cpu", enabled=False):  # (autocast would make it a bf16 matmul again)
+                h = torch.relu(flat[token].float() @ moe.c_fc[e].float().T).bfloat16()
+            out = (h.square() if square else h) @ moe.c_proj[e].bfloat16().T
+            y.index_add_(0, token, out * gates[token, slot, None].bfloat16())
+        return y.view(B, T, C), {}
+    return block
+
+
 def test_moe_block_check_passes_the_block_and_fails_planted_faults():
     moe, x, idx = moe_and_tokens()
-    assert check_moe_block(moe, moe, x, idx)["spread"] < 0.01
+    result = check_moe_block(looped_block(moe), moe, x, idx)  # a correct block that rounds its own way
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(looped_block(moe)(x, idx)[0], moe(x, idx)[0])  # so the check compares two outputs
+    assert 0 < result["error"] < 0.01 and result["spread"] < 0.01
+    with pytest.raises(AssertionError):
+        check_moe_block(looped_block(moe, square=False), moe, x, idx)
 
     def unsorted(x, idx):  # the experts' rows never scattered back to token order
         B, T, C = x.shape

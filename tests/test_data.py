@@ -64,7 +64,8 @@ def test_a_shard_too_small_for_one_batch_is_named(tmp_path):
     paths = arange_shards(tmp_path, [1000, 40])
     with pytest.raises(ShardError, match=r"shard_001.bin: 40 tokens, fewer than a batch needs \(2 x 8 x 3 \+ 1\)"):
         DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 0, 3)
-    assert paths
+    loader = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8, 0, 2)  # 2 x 8 x 2 + 1 = 33: 40 tokens suffice
+    assert loader.files == [str(p) for p in paths]
 
 
 def test_ranks_read_disjoint_contiguous_slices_and_targets_shift_by_one(tmp_path):

@@ -130,13 +130,14 @@ def dry_check(tmp_path, stages, dry=True):
 
 @pytest.mark.parametrize("grouped, rest, status, reason", [
     ((8, 0, 0), (4, 0, 0), "ok", None),
+    ((8, 0, 0, 1), (4, 0, 0), "FAILED", "tests: tests_grouped_gemm: ERROR tests/test_cuda.py::test_x - RuntimeError"),
     ((7, 1, 0), (4, 0, 0), "FAILED", "tests: tests_grouped_gemm: FAILED tests/test_cuda.py::test_x - AssertionError"),
     ((0, 0, 8), (0, 0, 4), "FAILED", "tests: 0 passed of 12 run; the plan expects 12 passed of 12"),
     (None, (4, 0, 0), "FAILED", "tests: tests_grouped_gemm: RuntimeError: CUDA error: device-side assert triggered"),
-], ids=["all-pass", "one-short", "all-skipped", "grouped-gemm-crashes"])
+], ids=["all-pass", "a-teardown-error", "one-short", "all-skipped", "grouped-gemm-crashes"])
 def test_the_tests_stage_runs_two_processes_and_passes_only_when_all_pass(tmp_path, grouped, rest, status, reason):
-    """(passed, failed, skipped) per process, or None: the process dies of a device-side assert, and the other
-    process still runs its tests."""
+    """(passed, failed, skipped[, teardown errors]) per process, or None: the process dies of a device-side
+    assert, and the other process still runs its tests. A teardown error follows a test's PASSED line."""
     check = dry_check(tmp_path, [gpu_check.BY_NAME["tests"]], dry=False)
     calls = []
 
@@ -148,14 +149,21 @@ def test_the_tests_stage_runs_two_processes_and_passes_only_when_all_pass(tmp_pa
         outcomes = ["PASSED"] * counts[0] + ["FAILED"] * counts[1] + ["SKIPPED"] * counts[2]
         for i, outcome in enumerate(outcomes):
             on_line(f"tests/test_cuda.py::test_{name}_{i} {outcome} [ 9%]", None)
-        failed = "FAILED tests/test_cuda.py::test_x - AssertionError: 2% off" if counts[1] else ""
-        return (1 if counts[1] else 0 if counts[0] else 5), failed
+        teardown_errors = counts[3] if len(counts) > 3 else 0
+        for i in range(teardown_errors):  # pytest's line for a fixture that fails after its test passed
+            on_line(f"tests/test_cuda.py::test_{name}_{i} ERROR [ 9%]", None)
+        failed = ("FAILED tests/test_cuda.py::test_x - AssertionError: 2% off" if counts[1] else
+                  "ERROR tests/test_cuda.py::test_x - RuntimeError: CUDA context" if teardown_errors else "")
+        return (1 if counts[1] or teardown_errors else 0 if counts[0] else 5), failed
     check.run = fake_run
     check.run_stage(gpu_check.BY_NAME["tests"], gpu_check.stage_tests)
     assert calls == [("tests_grouped_gemm", "grouped_gemm"), ("tests_rest", "not grouped_gemm")]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stages"]["tests"]["status"] == status
-    assert summary["stages"]["tests"].get("reason", "").startswith(reason or "")
+    if reason is None:
+        assert "reason" not in summary["stages"]["tests"] and summary["figures"]["tests"]["passed"] == 12
+    else:
+        assert summary["stages"]["tests"]["reason"].startswith(reason), summary["stages"]["tests"]["reason"]
     assert summary["figures"]["tests"].get("passed", 0) == sum(c[0] for c in (grouped, rest) if c)
 
 
@@ -188,6 +196,27 @@ def test_a_bench_ended_at_its_cap_keeps_what_it_measured_marked_partial(tmp_path
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "## bench_fast: fast compile (no coordinate-descent tuning) (partial: dense only)" in readme
     assert "| train step (ms, median) | 150.00 | - | - | - | - |" in readme
+
+
+def test_a_compiled_step_that_syncs_with_the_host_fails_its_bench_stage(tmp_path):
+    """The bench counts host syncs of the compiled step; any fails the stage, and the figures stay in the summary."""
+    check = dry_check(tmp_path, [gpu_check.BY_NAME["bench_fast"]])
+
+    def fake_run(name, cmd, on_line=None, env=None):
+        meta = dict(size="full", dtype="bfloat16", compile=True, attention="cudnn", device_batch_size=64,
+                    sequence_length=1024, command="python tools/bench.py", num_experts=4, top_k=1, expert_hidden=None,
+                    shared_expert_hidden=0, complete=True, models=["dense", "moe"])
+        results = dict(dense=dict(step_ms=150.0, host_syncs_per_step=0), moe=dict(step_ms=190.0, host_syncs_per_step=2))
+        with open(cmd[cmd.index("--json") + 1], "w") as f:
+            json.dump(dict(meta=meta, results=results, ratios={}), f)
+        return 0, ""
+    check.run = fake_run
+    check.run_stage(gpu_check.BY_NAME["bench_fast"], gpu_check.RUNNERS["bench_fast"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"]["bench_fast"]["status"] == "FAILED"
+    assert summary["stages"]["bench_fast"]["reason"] == ("bench_fast: the compiled step syncs with the host: "
+                                                        "{'moe': 2} times a step")
+    assert summary["figures"]["bench_fast"]["results"]["moe"]["step_ms"] == 190.0
 
 
 def alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, run_log, torchrun, val_losses
+from conftest import ROOT, TINY, run_log, run_trainer, val_losses
 from train_gpt2 import load_shard
 
 import open_english
@@ -60,6 +60,15 @@ def all_tokens(out, prefix):
     return paths, np.concatenate([load_shard(str(p)) for p in paths])
 
 
+def documents(tokens: np.ndarray) -> list[str]:
+    """The documents of a token stream: <|endoftext|> before each, and only there, then GPT-2's decoding."""
+    import tiktoken
+    encoding = tiktoken.get_encoding("gpt2")
+    starts = np.flatnonzero(tokens == prepare.EOT)
+    assert starts[0] == 0
+    return [encoding.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)])]
+
+
 def test_every_input_kind_becomes_shards_that_decode_back_to_its_documents(bpe_cache, tmp_path):
     inputs = write_inputs(tmp_path / "in")
     result = run_prepare("--files", str(inputs), "--out", str(tmp_path / "out"), "--val_tokens", "20",
@@ -68,12 +77,7 @@ def test_every_input_kind_becomes_shards_that_decode_back_to_its_documents(bpe_c
     paths, tokens = all_tokens(tmp_path / "out", "out")
     sizes = [len(load_shard(str(p))) for p in paths]
     assert sizes[0] == 20 and all(s == 30 for s in sizes[1:-1]) and 0 < sizes[-1] <= 30
-    import tiktoken
-    encoding = tiktoken.get_encoding("gpt2")
-    starts = np.flatnonzero(tokens == prepare.EOT)
-    assert starts[0] == 0 and len(starts) == len(DOCS)  # <|endoftext|> before each document, and only there
-    decoded = [encoding.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)])]
-    assert decoded == DOCS
+    assert documents(tokens) == DOCS
     assert f"train on them with: --input_bin '{os.path.relpath(tmp_path / 'out')}/out_train_*.bin'" in result.stdout
 
 
@@ -158,7 +162,7 @@ def test_the_trainer_learns_on_prepared_shards(bpe_cache, tmp_path):
     flags = [*TINY, "--input_bin", str(tmp_path / "v" / "v_train_*.bin"), "--input_val_bin",
              str(tmp_path / "v" / "v_val_*.bin"), "--num_iterations", "30", "--warmdown_iters", "10",
              "--val_loss_every", "30", "--log_dir", str(tmp_path / "logs")]
-    result = torchrun(1, flags)
+    result = run_trainer(flags)
     assert result.returncode == 0, result.stderr[-2000:]
     val = val_losses(run_log(tmp_path / "logs")[1])
     assert val[30] < val[0] - 1.0, val
@@ -172,7 +176,7 @@ def test_a_hugging_face_dataset_streams_through_datasets(bpe_cache, tmp_path):
                          "--shard_tokens", "1000", env={"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr[-2000:]
     _, tokens = all_tokens(tmp_path / "out", "out")
-    assert np.count_nonzero(tokens == prepare.EOT) == len(DOCS)
+    assert documents(tokens) == DOCS  # every document whole, in the dataset's order
 
 
 def test_missing_packages_and_bad_input_are_one_line_each(bpe_cache, tmp_path):

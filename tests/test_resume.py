@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses, val_losses
-from train_gpt2 import save_checkpoint
+from conftest import ROOT, TINY, checkpoints, data_flags, run_log, run_trainer, torchrun, train_losses
+from train_gpt2 import get_lr, parse_args, save_checkpoint
 
 RUN = [*TINY, "--warmdown_iters", "1", "--val_loss_every", "0"]
 
@@ -49,19 +49,21 @@ def test_resume_continues_exactly(shards, tmp_path):
 
 def test_resume_latest_picks_the_newest_checkpoint_and_appends_to_the_runs_log(shards, tmp_path):
     common = [*RUN, *data_flags(shards), "--num_iterations", "6", "--log_dir", str(tmp_path)]
-    assert torchrun(1, [*common, "--save_every", "2"]).returncode == 0
-    newest = checkpoints(tmp_path)[-1]
+    assert run_trainer([*common, "--save_every", "2"]).returncode == 0
+    first_end = torch.load(checkpoints(tmp_path)[-1])["model"]
     os.utime(checkpoints(tmp_path)[0])  # mtime decides 'latest': touch an older one
-    result = torchrun(1, [*common, "--resume", "latest"])
+    result = run_trainer([*common, "--resume", "latest"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resume: from {checkpoints(tmp_path)[0]} at step 2" in result.stdout
     log, lines = run_log(tmp_path)  # still one log: the resumed run appends to it
     assert sum(l.startswith("resume: from") for l in lines) == 1
-    assert newest.exists()
+    # the resumed run wrote steps 4 and 6 again: the same parameters, so 'latest' restored everything
+    resumed_end = torch.load(checkpoints(tmp_path)[-1])["model"]
+    assert all(torch.equal(first_end[k], resumed_end[k]) for k in first_end)
 
 
 def test_keep_checkpoints_keeps_the_newest(shards, tmp_path):
-    result = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "10", "--save_every", "2",
+    result = run_trainer([*RUN, *data_flags(shards), "--num_iterations", "10", "--save_every", "2",
                           "--keep_checkpoints", "2", "--log_dir", str(tmp_path)])
     assert result.returncode == 0
     assert [p.name for p in checkpoints(tmp_path)] == ["state_step000008.pt", "state_step000010.pt"]
@@ -86,8 +88,8 @@ def checkpoint_contents(path):
 
 
 def test_a_checkpoint_holds_everything_a_resume_needs(shards, tmp_path):
-    result = torchrun(2, [*RUN, *data_flags(shards), "--num_iterations", "4", "--num_experts", "4",
-                          "--aux_loss_coef", "0.01", "--log_dir", str(tmp_path)])
+    result = torchrun(2, [*RUN, *data_flags(shards), "--num_iterations", "4", "--warmdown_iters", "2",
+                          "--num_experts", "4", "--aux_loss_coef", "0.01", "--log_dir", str(tmp_path)])
     assert result.returncode == 0
     state, keys = checkpoint_contents(checkpoints(tmp_path)[-1])
     assert {"step", "run_id", "code", "args", "model", "optimizers", "train_loader",
@@ -97,8 +99,33 @@ def test_a_checkpoint_holds_everything_a_resume_needs(shards, tmp_path):
     # Muon's momenta live on the rank that owns each matrix; the checkpoint gathers all of them
     n_matrices = sum(len(group["params"]) for group in muon["param_groups"])  # block matrices and routers
     assert len(muon["state"]) == n_matrices and all(s["momentum_buffer"].abs().sum() > 0 for s in muon["state"].values())
-    # the schedule resumes from the step: each group keeps its base lr, and its lr is the last step's
-    assert state["step"] == 4 and all(g["initial_lr"] > 0 for opt in state["optimizers"] for g in opt["param_groups"])
+    # the schedule resumes from the step: each group keeps its base lr (the flags'), and its lr is the last step's
+    args = parse_args([*RUN, "--num_iterations", "4", "--warmdown_iters", "2"])
+    bases = [[g["initial_lr"] for g in opt["param_groups"]] for opt in state["optimizers"]]
+    assert state["step"] == 4 and bases == [[args.embed_lr], [args.head_lr], [args.muon_lr, args.router_lr]]
+    assert all(g["lr"] == g["initial_lr"] * get_lr(3, args) for opt in state["optimizers"] for g in opt["param_groups"])
+    assert get_lr(3, args) == 0.5  # (warmdown 2: the last step's multiplier is (4 - 3) / 2)
+
+
+def test_a_run_resumes_on_another_number_of_ranks(shards, tmp_path):
+    """2 ranks to step 6, then 1 rank with the same micro-batches (two a step) to 12, against 2 ranks straight to
+    12: Muon's momenta, spread over the ranks that own them, are gathered into the checkpoint and handed out anew."""
+    common = [*RUN, *data_flags(shards), "--num_iterations", "12", "--seed", "4", "--data_seed", "4",
+              "--num_experts", "4", "--top_k", "2", "--aux_loss_coef", "0.01"]
+    straight = tmp_path / "straight"
+    assert torchrun(2, [*common, "--save_every", "6", "--log_dir", str(straight)]).returncode == 0
+    middle, end = checkpoints(straight)
+    resumed = tmp_path / "resumed"
+    (resumed / middle.parent.name).mkdir(parents=True)
+    shutil.copy(middle, resumed / middle.parent.name / middle.name)
+    result = run_trainer([*common, "--log_dir", str(resumed),
+                          "--resume", str(resumed / middle.parent.name / middle.name)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "world_size:1" in result.stdout and torch.load(middle)["world_size"] == 2
+    a, b = torch.load(end)["model"], torch.load(checkpoints(resumed)[-1])["model"]
+    for name in a:  # float32 on CPU: the ranks' sums differ from one rank's by rounding only
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.equal(a["lm_head.weight"], torch.load(middle)["model"]["lm_head.weight"])  # it trained on
 
 
 def run_until(cmd, log_dir, until_line, env):
@@ -160,7 +187,7 @@ def test_the_same_seeds_give_the_same_losses_and_a_data_seed_changes_the_data(sh
     runs = {}
     for name, seed, data_seed in [("a", "11", "0"), ("b", "11", "0"), ("c", "12", "0"), ("d", "11", "5"),
                                   ("e", "11", "5")]:
-        result = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "5", "--seed", seed,
+        result = run_trainer([*RUN, *data_flags(shards), "--num_iterations", "5", "--seed", seed,
                               "--data_seed", data_seed, "--log_dir", str(tmp_path / name)])
         assert result.returncode == 0
         _, lines = run_log(tmp_path / name)
@@ -172,11 +199,11 @@ def test_the_same_seeds_give_the_same_losses_and_a_data_seed_changes_the_data(sh
 
 
 def test_a_drawn_seed_is_logged_and_reproduces(shards, tmp_path):
-    result = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "3", "--log_dir", str(tmp_path / "a")])
+    result = run_trainer([*RUN, *data_flags(shards), "--num_iterations", "3", "--log_dir", str(tmp_path / "a")])
     assert result.returncode == 0, result.stderr[-2000:]
     _, lines = run_log(tmp_path / "a")
     seed = next(l for l in lines if l.startswith("seed:")).split()[0].split(":")[1]
-    again = torchrun(1, [*RUN, *data_flags(shards), "--num_iterations", "3", "--seed", seed,
+    again = run_trainer([*RUN, *data_flags(shards), "--num_iterations", "3", "--seed", seed,
                          "--log_dir", str(tmp_path / "b")])
     assert result.returncode == again.returncode == 0
     assert train_losses(lines) == train_losses(run_log(tmp_path / "b")[1])

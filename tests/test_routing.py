@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import train_gpt2
 from compare import parse_router_line
-from conftest import TINY, checkpoints, data_flags, run_log, torchrun, train_losses, val_losses
+from conftest import TINY, checkpoints, data_flags, run_log, run_trainer, torchrun, train_losses, val_losses
 from test_moe import config, randomise
 from train_gpt2 import GPT, Hyperparameters, LearnedRouter, Muon, Router, make_optimizers
 
@@ -106,11 +106,29 @@ def test_global_balance_scope_equals_micro_at_one_rank_and_one_micro_batch(shard
     for scope in ("micro", "global"):
         args = [*TINY, *data_flags(shards), *ROUTING, "--batch_size", "4", "--aux_loss_coef", "0.1",
                 "--num_iterations", "6", "--seed", "5", "--balance_scope", scope, "--log_dir", str(tmp_path / scope)]
-        assert torchrun(1, args).returncode == 0
+        assert run_trainer(args).returncode == 0
         results[scope] = (train_losses(run_log(tmp_path / scope)[1]), torch.load(checkpoints(tmp_path / scope)[-1]))
     assert results["micro"][0] == results["global"][0]
     for name, value in results["micro"][1]["model"].items():
         assert torch.equal(value, results["global"][1]["model"][name]), name
+
+
+def test_global_balance_over_two_ranks_is_the_balance_loss_of_their_whole_batch(shards, tmp_path):
+    """2 ranks of 4 sequences with the global scope compute, through the all-reduce of their loads and DDP's mean
+    of their gradients, the balance loss of all 8 sequences at once: what one rank of 8 computes with the micro
+    scope. Without the all-reduce each rank would balance its own 4, and the runs would part."""
+    runs = {}
+    for nproc, device_batch, scope in [(2, 4, "global"), (1, 8, "micro"), (2, 4, "micro")]:
+        log_dir = tmp_path / f"{nproc}x{device_batch}_{scope}"
+        args = [*TINY, *data_flags(shards), *ROUTING, "--aux_loss_coef", "0.5", "--num_iterations", "6",
+                "--seed", "5", "--device_batch_size", str(device_batch), "--balance_scope", scope,
+                "--log_dir", str(log_dir)]
+        assert torchrun(nproc, args).returncode == 0
+        runs[nproc, scope] = torch.load(checkpoints(log_dir)[-1])["model"]
+    for name, value in runs[1, "micro"].items():
+        torch.testing.assert_close(runs[2, "global"][name], value, atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.allclose(runs[2, "micro"]["transformer.h.0.mlp.router.weight"],
+                              runs[1, "micro"]["transformer.h.0.mlp.router.weight"], atol=1e-4)
 
 
 def test_global_balance_scope_differs_from_micro_when_it_should(shards, tmp_path):
@@ -119,7 +137,7 @@ def test_global_balance_scope_differs_from_micro_when_it_should(shards, tmp_path
     for scope in ("micro", "global"):
         args = [*TINY, *data_flags(shards), *ROUTING, "--aux_loss_coef", "0.5", "--num_iterations", "6",
                 "--seed", "5", "--balance_scope", scope, "--log_dir", str(tmp_path / scope)]
-        assert torchrun(1, args).returncode == 0
+        assert run_trainer(args).returncode == 0
         losses[scope] = train_losses(run_log(tmp_path / scope)[1])
     assert losses["micro"][1] == losses["global"][1] and losses["micro"] != losses["global"]
 

@@ -5,10 +5,13 @@ import re
 import pytest
 import torch
 
-from conftest import (LN_TINY_VOCAB, ROOT, TINY, checkpoints, data_flags, run_log, torchrun, train_losses,
+from conftest import (LN_TINY_VOCAB, ROOT, TINY, checkpoints, data_flags, run_log, run_trainer, torchrun, train_losses,
                       val_losses)
 from compare import parse_step_line
-from train_gpt2 import get_lr, parse_args
+from train_gpt2 import (GPT, DistributedDataLoader, Runtime, TrainClock, TrainState, build_run, evaluate, get_lr,
+                        make_optimizers, parse_args, train_step)
+
+CPU = Runtime(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32, compile_model=False)
 
 
 def test_two_process_run_learns_and_logs_like_the_record(shards, tmp_path):
@@ -61,8 +64,10 @@ def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path, mo
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"world_size:{nproc}" in result.stdout
         (ckpt,) = checkpoints(log_dir)
-        finals.append((torch.load(ckpt)["model"], train_losses(run_log(log_dir)[1])))
-    (two_ranks, losses2), (one_rank, losses1) = finals
+        lines = run_log(log_dir)[1]
+        finals.append((torch.load(ckpt)["model"], train_losses(lines), val_losses(lines)[4]))
+    (two_ranks, losses2, val2), (one_rank, losses1, val1) = finals
+    assert abs(val2 - val1) < 1e-4  # and they validate alike: the val set is split over the ranks and summed
     if model_flags:
         assert one_rank["transformer.h.0.mlp.router.bias"].abs().sum() > 0  # the biases did move
     for name in one_rank:
@@ -71,10 +76,41 @@ def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path, mo
     assert losses1[4] < losses1[1]  # and it trained
 
 
+def test_each_micro_batch_is_the_loaders_next_and_is_trained_on_once(shards):
+    """The record fetched a batch, reset the loader and then fetched one ahead each micro-step, so it trained on
+    its first batch twice while its loader ended where it should. Here each forward pass gets the loader's next
+    batch: the model sees exactly a fresh loader's batches, in order."""
+    args = parse_args([*TINY, *data_flags(shards)])  # batch 8 of device batches 4: two micro-steps a step
+    torch.manual_seed(0)
+    model = GPT(args)
+    loader = DistributedDataLoader(args.input_bin, args.device_batch_size, args.sequence_length, 0, 1)
+    state = TrainState(model, make_optimizers(model, args, torch.float32), loader, TrainClock())
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    for _ in range(3):
+        train_step(model, state, 1.0, args, CPU)
+    fresh = DistributedDataLoader(args.input_bin, args.device_batch_size, args.sequence_length, 0, 1)
+    assert len(seen) == 3 * 2 and all(torch.equal(x, fresh.next_batch()[0]) for x in seen)
+
+
+def test_validation_reads_the_same_tokens_whatever_the_data_seed(shards):
+    """Every pair of an A/B validates on one val set: the data seed orders the training data only."""
+    val_losses_by_seed = []
+    for data_seed in (0, 3, 4):
+        args = parse_args([*TINY, *data_flags(shards), "--data_seed", str(data_seed)])
+        torch.manual_seed(0)
+        state, model, val_loader, _ = build_run(args, CPU, lambda line, console=True: None, None)
+        assert val_loader.data_seed == 0 and state.train_loader.data_seed == data_seed
+        torch.manual_seed(1)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # a model whose loss depends on the tokens
+        val_losses_by_seed.append(evaluate(model, val_loader, args, CPU)[0])
+    assert val_losses_by_seed[0] == val_losses_by_seed[1] == val_losses_by_seed[2]
+
+
 def test_each_batch_is_trained_on_once_and_the_loader_wraps_with_a_warning(shards, tmp_path):
-    """The record fetched a batch before resetting the loader and trained on it twice."""
+    """Where the loader ends after a pass and a part of another (the record's loader ran out early)."""
     steps, accumulation, chunk = 170, 2, 4 * 32  # chunk: device_batch_size x sequence_length x 1 rank
-    result = torchrun(1, [*TINY, *data_flags(shards), "--num_iterations", str(steps), "--warmdown_iters", "1",
+    result = run_trainer([*TINY, *data_flags(shards), "--num_iterations", str(steps), "--warmdown_iters", "1",
                           "--val_loss_every", "0", "--log_dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     per_shard = (20_000 - 1) // chunk  # 156 micro-batches in each of the two shards
@@ -85,7 +121,7 @@ def test_each_batch_is_trained_on_once_and_the_loader_wraps_with_a_warning(shard
 
 
 def test_a_sampled_order_past_one_pass_says_it_starts_a_new_order(shards, tmp_path):
-    result = torchrun(1, [*TINY, *data_flags(shards), "--num_iterations", "160", "--warmdown_iters", "1",
+    result = run_trainer([*TINY, *data_flags(shards), "--num_iterations", "160", "--warmdown_iters", "1",
                           "--val_loss_every", "0", "--data_seed", "4", "--log_dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 shards of (20,000 - 1) // 32 = 624 sequences: 156 steps of 8
@@ -93,3 +129,34 @@ def test_a_sampled_order_past_one_pass_says_it_starts_a_new_order(shards, tmp_pa
             "(download more shards to avoid it)") in result.stdout
     (ckpt,) = checkpoints(tmp_path)
     assert torch.load(ckpt)["train_loader"] == dict(sequence=160 * 8, sequences=2 * 624)
+
+
+def test_wandb_gets_the_logs_metrics(shards, tmp_path, monkeypatch):
+    """A stand-in wandb module: --wandb sends every train and val loss and lr multiplier, at the log's steps."""
+    import importlib.machinery
+    import types
+    import train_gpt2
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    flags = [*TINY, *data_flags(shards), "--num_iterations", "4", "--warmdown_iters", "2", "--val_loss_every", "2",
+             "--wandb", "--wandb_project", "p", "--seed", "1", "--log_dir", str(tmp_path)]
+    assert train_gpt2.main(flags) == 0
+    _, lines = run_log(tmp_path)
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "p" and calls[0][1]["config"]["num_iterations"] == 4
+    assert calls[-1] == ("finish",)
+    logged = [(step, values) for kind, step, values in (c for c in calls if c[0] == "log")]
+    vals = {step: v["val_loss"] for step, v in logged if "val_loss" in v}
+    trains = {step: (v["train_loss"], v["lr_mult"]) for step, v in logged if "train_loss" in v}
+    assert {s: round(v, 4) for s, v in vals.items()} == val_losses(lines) and sorted(vals) == [0, 2, 4]
+    assert {s: round(v[0], 4) for s, v in trains.items()} == train_losses(lines)
+    assert [trains[s][1] for s in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 0.5]
