@@ -10,9 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of two workers: one thread for torch here and in subprocesses
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import synthetic
 from compare import parse_step_line  # (the readers of the trainer's log lines)
 from repo_root import ROOT
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+    torch.set_num_threads(1)
 
 # a model and batch small enough that a step takes milliseconds on one CPU core
 TINY_VOCAB = 128

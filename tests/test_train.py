@@ -60,7 +60,7 @@ def test_two_ranks_of_one_micro_batch_equal_one_rank_of_two(shards, tmp_path, mo
     for nproc, device_batch in [(2, 4), (1, 4)]:
         log_dir = tmp_path / f"nproc{nproc}"
         flags = [*common, "--device_batch_size", str(device_batch), "--log_dir", str(log_dir)]
-        result = torchrun(nproc, flags)
+        result = torchrun(nproc, flags) if nproc > 1 else run_trainer(flags)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"world_size:{nproc}" in result.stdout
         (ckpt,) = checkpoints(log_dir)
