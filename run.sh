@@ -16,7 +16,11 @@ for a in "$@"; do
   if [[ "$a" == "--smoke" ]]; then smoke=1; else args+=("$a"); fi
 done
 if (( smoke )); then
-  [[ -f data/smoke/synthetic_val_000000.bin ]] || "$PYTHON" data/synthetic.py --out data/smoke --vocab_size 512
+  if [[ ! -d data/smoke ]]; then  # written aside and moved into place whole: two launches at once both see it whole
+    tmp=$(mktemp -d data/smoke.XXXXXX)
+    "$PYTHON" data/synthetic.py --out "$tmp" --vocab_size 512 > /dev/null
+    mv -T "$tmp" data/smoke 2>/dev/null || rm -rf "$tmp"
+  fi
   smoke_flags=(@flags/tiny.txt --input_bin 'data/smoke/synthetic_train_*.bin'
     --input_val_bin 'data/smoke/synthetic_val_*.bin' --num_iterations 200 --warmdown_iters 60
     --val_loss_every 50 --val_tokens 16384)

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one of two workers: one thread for torch here and in subprocesses
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread a worker, here and in its subprocesses,
+    # so that two workers never oversubscribe a 2-core machine
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import synthetic
