@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs of this folder's README: study.sh PHASE PAIR... runs one run at a time (one lane, one core).
 #   h500check 11    pair 11's dense 500 and 625 and MoE 500: they must equal 2026-12-07_DataOrderCPU's
-#   h1000 PAIRS     dense 1000 and 1250, MoE 1000
+#   h1000 PAIRS     dense 1000, 1250 and 1500, MoE 1000 (1500: amended, see the README)
 #   h2000 PAIRS     dense 2000 and 2500, MoE 2000; DENSE_3000=1 adds dense 3000
 # A pair's phases run in that order (a trunk only grows). A finished run is skipped, so a stopped lane resumes
 # by running the same line again; `touch PAUSE` here holds every lane before its next run.
@@ -51,7 +51,7 @@ phase=${1:-}; shift || true
 for pair in "$@"; do
   case $phase in
     h500check) branch dense "$pair" 500; branch dense "$pair" 625; branch moe "$pair" 500 ;;
-    h1000) branch dense "$pair" 1000; branch moe "$pair" 1000; branch dense "$pair" 1250 ;;
+    h1000) branch dense "$pair" 1000; branch moe "$pair" 1000; branch dense "$pair" 1250; branch dense "$pair" 1500 ;;
     h2000) branch dense "$pair" 2000; branch moe "$pair" 2000; branch dense "$pair" 2500
            if [[ ${DENSE_3000:-0} == 1 ]]; then branch dense "$pair" 3000; fi ;;
     *) echo "usage: $0 h500check|h1000|h2000 PAIR..." >&2; exit 2 ;;
