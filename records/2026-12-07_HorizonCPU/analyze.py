@@ -128,10 +128,14 @@ def main(argv=None):
         print(f"\nr({HORIZONS[-1]}) - r({HORIZONS[0]}) over pairs {both}: {mean:+.4f} ± {sd:.4f}, paired p = "
               f"{test.pvalue:.3g}, 95% [{lo:+.4f}, {hi:+.4f}]: {verdict}")
 
-    # the trend: least squares of r on log2(tokens) over every pair's points
+    # the trend: least squares of r on log2(tokens) over every pair's points; a censored point is only a lower
+    # bound, so no line is drawn through a horizon that has one
+    censored = {N: [p for p, v in per_pair.items() if v["censored"]] for N, per_pair in results["pairs"].items()}
     points = [(math.log2(N * TOKENS_PER_STEP), v["r"]) for N, per_pair in results["pairs"].items()
-              for v in per_pair.values() if not v["censored"]]
-    if len({x for x, _ in points}) >= 2 and len(points) >= 3:
+              for v in per_pair.values()]
+    if any(censored.values()):
+        print(f"\ntrend: not fitted while pairs are censored ({ {N: c for N, c in censored.items() if c} })")
+    elif len({x for x, _ in points}) >= 2 and len(points) >= 3:
         fit = stats.linregress([x for x, _ in points], [y for _, y in points])
         n = len(points)
         t = stats.t.ppf(0.975, n - 2)
