@@ -622,7 +622,7 @@ def train_step(wrapped_model, state, lr_mult, args, rt):
             group["lr"] = group["initial_lr"] * lr_mult
         opt.step()
     state.model.zero_grad(set_to_none=True)
-    if args.router_bias_rate:
+    if args.router_bias_rate and args.num_experts > 1:  # (a dense model ignores the router flags)
         # auxiliary-loss-free balancing (DeepSeek-V3), outside the compiled graph: one all-reduce of the step's
         # loads over ranks and micro-batches, so every rank moves its biases alike
         for block, load in zip(state.model.transformer.h, rt.all_reduce_sum(step_load.clone())):

@@ -199,3 +199,12 @@ def test_a_router_registered_in_a_test_file_trains(sigmoid_router, shards, tmp_p
     assert train_gpt2.main([*flags, "--aux_loss_coef", "0.01"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --router sigmoid does not use --aux_loss_coef; leave it at "
                                                "0.0, or use a router that does: learned")
+
+
+def test_a_dense_model_ignores_the_router_flags(shards, tmp_path):
+    """tools/bench.py times an MoE's dense counterpart with the MoE's flags: the router flags must not touch it."""
+    result = run_trainer([*TINY, *data_flags(shards), "--router_bias_rate", "0.01", "--aux_loss_coef", "0.01",
+                          "--balance_scope", "global", "--num_iterations", "3", "--warmdown_iters", "1",
+                          "--val_loss_every", "0", "--log_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(train_losses(run_log(tmp_path)[1])) == [1, 2, 3]
