@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs of this folder's README: study.sh PHASE PAIR... runs one run at a time (one lane, one core).
 #   h500check 11    pair 11's dense 500 and 625 and MoE 500: they must equal 2026-12-07_DataOrderCPU's
-#   h1000 PAIRS     dense 1000, 1250 and 1500, MoE 1000 (1500: amended, see the README)
+#   h1000 PAIRS     dense 1000 and 1250, MoE 1000, and dense 1500 where the MoE beats dense 1250 (see the README)
+#   late PAIRS      dense 1500 for the pairs h1000 left it to (their trunk keeps its checkpoint at 1068)
 #   h2000 PAIRS     dense 2000 and 2500, MoE 2000; DENSE_3000=1 adds dense 3000
 # A pair's phases run in that order (a trunk only grows). A finished run is skipped, so a stopped lane resumes
 # by running the same line again; `touch PAUSE` here holds every lane before its next run.
@@ -18,6 +19,8 @@ export OMP_NUM_THREADS=1
 warmdown() { echo $(( (288 * $1 + 500) / 1000 )); }  # round(0.288 L): 144 for 500, 180 for 625
 side_flags() { [[ $1 == moe ]] && echo "${MOE[@]}" || true; }
 wait_pause() { while [[ -e $HERE/PAUSE ]]; do sleep 15; done; }
+final_loss() { grep -h -o "^step:$3/$3 val_loss:[0-9.]*" "$HERE"/runs/"$1"_L"$3"_s"$2"/*.txt | cut -d: -f3; }
+moe_beats() { awk -v m="$(final_loss moe "$1" "$2")" -v d="$(final_loss dense "$1" "$3")" 'BEGIN { exit !(m < d) }'; }
 trunk_ckpt() { ls "$HERE"/trunks/"$1"_s"$2"/*/state_step"$(printf %06d "$3")".pt 2>/dev/null | head -1; }
 
 extend_trunk() {  # SIDE PAIR K: the side's trunk at constant lr up to step K, with a checkpoint there
@@ -51,9 +54,11 @@ phase=${1:-}; shift || true
 for pair in "$@"; do
   case $phase in
     h500check) branch dense "$pair" 500; branch dense "$pair" 625; branch moe "$pair" 500 ;;
-    h1000) branch dense "$pair" 1000; branch moe "$pair" 1000; branch dense "$pair" 1250; branch dense "$pair" 1500 ;;
+    h1000) branch dense "$pair" 1000; branch moe "$pair" 1000; branch dense "$pair" 1250
+           if moe_beats "$pair" 1000 1250; then branch dense "$pair" 1500; else extend_trunk dense "$pair" 1068; fi ;;
+    late) branch dense "$pair" 1500 ;;
     h2000) branch dense "$pair" 2000; branch moe "$pair" 2000; branch dense "$pair" 2500
            if [[ ${DENSE_3000:-0} == 1 ]]; then branch dense "$pair" 3000; fi ;;
-    *) echo "usage: $0 h500check|h1000|h2000 PAIR..." >&2; exit 2 ;;
+    *) echo "usage: $0 h500check|h1000|h2000|late PAIR..." >&2; exit 2 ;;
   esac
 done
