@@ -2,8 +2,9 @@
 # The runs of this folder's README: study.sh PHASE PAIR... runs one run at a time (one lane, one core).
 #   h500check 11    pair 11's dense 500 and 625 and MoE 500: they must equal 2026-12-07_DataOrderCPU's
 #   h1000 PAIRS     dense 1000 and 1250, MoE 1000, and dense 1500 where the MoE beats dense 1250 (see the README)
-#   late PAIRS      dense 1500 for the pairs h1000 left it to (their trunk keeps its checkpoint at 1068)
-#   h2000 PAIRS     dense 2000 and 2500, MoE 2000; DENSE_3000=1 adds dense 3000
+#   h2000 PAIRS     dense 2000 and 2500, MoE 2000, and dense 3000 where the MoE beats dense 2500
+#   late PAIRS      dense 1500 for the pairs h1000 left it to (their trunk keeps its checkpoint at 1068), and
+#                   dense 3000 for every pair once any pair's MoE at 2000 beats its dense at 2500
 # A pair's phases run in that order (a trunk only grows). A finished run is skipped, so a stopped lane resumes
 # by running the same line again; `touch PAUSE` here holds every lane before its next run.
 # Needs the corpus: python data/open_english.py.
@@ -56,9 +57,10 @@ for pair in "$@"; do
     h500check) branch dense "$pair" 500; branch dense "$pair" 625; branch moe "$pair" 500 ;;
     h1000) branch dense "$pair" 1000; branch moe "$pair" 1000; branch dense "$pair" 1250
            if moe_beats "$pair" 1000 1250; then branch dense "$pair" 1500; else extend_trunk dense "$pair" 1068; fi ;;
-    late) branch dense "$pair" 1500 ;;
     h2000) branch dense "$pair" 2000; branch moe "$pair" 2000; branch dense "$pair" 2500
-           if [[ ${DENSE_3000:-0} == 1 ]]; then branch dense "$pair" 3000; fi ;;
+           if moe_beats "$pair" 2000 2500; then branch dense "$pair" 3000; fi ;;
+    late) branch dense "$pair" 1500
+          for any in 11 12 13 14; do if moe_beats "$any" 2000 2500; then branch dense "$pair" 3000; break; fi; done ;;
     *) echo "usage: $0 h500check|h1000|h2000|late PAIR..." >&2; exit 2 ;;
   esac
 done
