@@ -40,7 +40,8 @@ def unique(commands: list[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 READS_RECORDS = unique([(r, c) for r, c in commands()
-                        if c.startswith("python tools/compare.py") or c.startswith("python tools/ab.py --table")])
+                        if c.startswith(("python tools/compare.py", "python tools/ab.py --table"))
+                        or re.fullmatch(r"python records/[^ ]+/analyze\.py", c)])
 
 # The figures that the READMEs quote beside a command: (as the command prints it, as a README naming it quotes it)
 QUOTED = {
@@ -75,7 +76,7 @@ def test_the_readmes_name_commands_that_read_the_records():
     assert set(QUOTED) <= set(READS_RECORDS)  # every quoted figure's command is still in a README
 
 
-@pytest.mark.parametrize("command", READS_RECORDS, ids=[c[len("python tools/"):][:60] for c in READS_RECORDS])
+@pytest.mark.parametrize("command", READS_RECORDS, ids=[c[len("python "):][:60] for c in READS_RECORDS])
 def test_a_command_that_reads_the_records_runs_as_written_and_prints_what_the_readmes_quote(command, tmp_path):
     for folder in ("records", "tools"):  # as from the repository root; files written land here
         (tmp_path / folder).symlink_to(ROOT / folder)

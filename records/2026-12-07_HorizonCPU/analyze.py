@@ -1,10 +1,10 @@
 """The tables and the trend of this folder's study (its README says what is computed and why).
 
-    python records/2026-12-07_HorizonCPU/analyze.py [--plot trend.png]
+    python records/2026-12-07_HorizonCPU/analyze.py [--plot trend.png] [--json results.json]
 
 Reads every finished run: horizon 500 from ../2026-12-07_DataOrderCPU (per_token: dense and MoE at 500;
 equal_time: dense at 625), the rest from runs/<side>_L<steps>_s<pair>/. Prints the table per horizon, the growth
-test and the fitted line, and writes results.json beside this file. Needs scipy; matplotlib for --plot.
+test and the fitted line; --json writes them. Needs scipy; matplotlib for --plot.
 """
 import argparse
 import json
@@ -83,6 +83,7 @@ def mean_interval(values: list[float]) -> tuple[float, float, float, float]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot", help="write the trend to this PNG (needs matplotlib)")
+    parser.add_argument("--json", help="write the per-pair figures, the table, the test and the fit to this file")
     args = parser.parse_args(argv)
     from scipy import stats
     found = losses()
@@ -160,7 +161,8 @@ def main(argv=None):
                   f"per second")
         if args.plot:
             plot(args.plot, points, results, fit)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 def plot(path: str, points, results: dict, fit) -> None:
