@@ -35,3 +35,29 @@ def test_a_moe_below_dense_longest_run_is_censored_and_one_above_the_shortest_ex
     assert horizon.dense_step_equivalent(3.30, {1000: 3.50, 1250: 3.40}) == (1250.0, True)
     D, censored = horizon.dense_step_equivalent(3.55, DENSE)  # half a step of 1000 -> 1250 above dense at 1000
     assert not censored and D == pytest.approx(1000 / math.sqrt(1250 / 1000))
+
+
+def test_a_lead_that_grows_by_a_known_slope_is_fitted_tested_and_carried_to_the_speedrun(monkeypatch, tmp_path):
+    """Dense's loss linear in log(steps) (then D is exact); the MoE at N worth r(N) = 1.05 + 0.02 log2(N / 500)
+    dense steps, give or take a few thousandths per pair and horizon."""
+    noise = {(p, N): 0.004 * ((p * 7 + N // 500 * 3) % 5 - 2) for p in (11, 12, 13, 14) for N in (500, 1000, 2000)}
+    losses = {}
+    for (p, N), e in noise.items():
+        dense = lambda steps: 6.0 + 0.01 * p - 0.3 * math.log(steps)  # noqa: E731
+        for L in (N, N * 5 // 4):
+            losses["dense", L, p] = dense(L)
+        losses["moe", N, p] = dense(N * (1.05 + 0.02 * math.log2(N / 500) + e))
+    monkeypatch.setattr(horizon, "losses", lambda: losses)
+    horizon.main(["--json", str(tmp_path / "results.json")])
+    results = __import__("json").loads((tmp_path / "results.json").read_text())
+    for N in (500, 1000, 2000):
+        expected = [1.05 + 0.02 * math.log2(N / 500) + noise[p, N] for p in (11, 12, 13, 14)]
+        assert results["horizons"][str(N)]["r_mean"] == pytest.approx(sum(expected) / 4)
+    growth = results["growth"]
+    assert growth["pairs"] == [11, 12, 13, 14] and growth["mean"] == pytest.approx(0.04, abs=0.01)
+    assert growth["verdict"] == "grows" and growth["p"] < 0.05
+    trend = results["trend"]
+    assert trend["points"] == 12 and trend["slope_low"] < 0.02 < trend["slope_high"]
+    doublings = math.log2(horizon.SPEEDRUN_TOKENS / (2000 * horizon.TOKENS_PER_STEP))
+    assert trend["doublings_beyond_data"] == pytest.approx(doublings)
+    assert trend["at_speedrun_low"] < 1.09 + 0.02 * doublings < trend["at_speedrun_high"]

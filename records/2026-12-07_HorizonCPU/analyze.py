@@ -19,6 +19,7 @@ TOKENS_PER_STEP = 16 * 256
 SPEEDRUN_TOKENS = 4578 * 8 * 64 * 1024  # the record: 4578 steps of 8 x 64 x 1024 tokens, 2.4B
 HORIZONS = [500, 1000, 2000]
 GROWTH_PAIRS = [11, 12, 13, 14]
+CPU_BENCH = HERE.parent / "2026-11-30_MoEvsTunedDenseCPU" / "bench_R.json"  # this size's MoE/dense step on a CPU
 # published GPU step ratios of an MoE to dense at equal active FLOPs (the README of the repository's REFERENCE, 8)
 GPU_STEP_RATIOS = [("nanochat d18, 8 experts top-2 + shared, 8xH100", 1.31),
                    ("OLMoE 64 experts top-8, MegaBlocks, H100", 1.59), ("JAX d2560, 64 experts top-4, 8xH100", 1.65)]
@@ -156,9 +157,13 @@ def main(argv=None):
               f"({n} points)")
         print(f"at the speedrun's {SPEEDRUN_TOKENS / 1e9:.2f}B tokens ({x0 - max(xs):.1f} doublings beyond the last "
               f"horizon here): r = {at:.3f}, 95% [{at - half:.3f}, {at + half:.3f}] if the line held")
-        for label, ratio in GPU_STEP_RATIOS:
-            print(f"  against {label}: step ratio {ratio}: the MoE {'would win' if at > ratio else 'would lose'} "
+        bench = json.loads(CPU_BENCH.read_text())
+        cpu = ("this size on a CPU, tools/bench.py (" + bench["meta"]["device"] + ")", bench["ratios"]["step_ms"])
+        for label, ratio in [*GPU_STEP_RATIOS, cpu]:
+            print(f"  against {label}: step ratio {ratio:.2f}: the MoE {'would win' if at > ratio else 'would lose'} "
                   f"per second")
+        print(f"so the MoE would win at the speedrun's horizon only with a step under {at:.2f}x dense's (under "
+              f"{at - half:.2f}x to be sure at 95%), if the line held that far")
         if args.plot:
             plot(args.plot, points, results, fit)
     if args.json:
