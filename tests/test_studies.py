@@ -48,7 +48,8 @@ def test_a_lead_that_grows_by_a_known_slope_is_fitted_tested_and_carried_to_the_
             losses["dense", L, p] = dense(L)
         losses["moe", N, p] = dense(N * (1.05 + 0.02 * math.log2(N / 500) + e))
     monkeypatch.setattr(horizon, "losses", lambda: losses)
-    horizon.main(["--json", str(tmp_path / "results.json")])
+    horizon.main(["--json", str(tmp_path / "results.json"), "--plot", str(tmp_path / "trend.png")])
+    assert (tmp_path / "trend.png").read_bytes().startswith(b"\x89PNG")
     results = __import__("json").loads((tmp_path / "results.json").read_text())
     for N in (500, 1000, 2000):
         expected = [1.05 + 0.02 * math.log2(N / 500) + noise[p, N] for p in (11, 12, 13, 14)]
