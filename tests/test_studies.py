@@ -62,3 +62,6 @@ def test_a_lead_that_grows_by_a_known_slope_is_fitted_tested_and_carried_to_the_
     doublings = math.log2(horizon.SPEEDRUN_TOKENS / (2000 * horizon.TOKENS_PER_STEP))
     assert trend["doublings_beyond_data"] == pytest.approx(doublings)
     assert trend["at_speedrun_low"] < 1.09 + 0.02 * doublings < trend["at_speedrun_high"]
+    beyond = math.log2(horizon.SAME_TOKENS_PER_PARAM / (2000 * horizon.TOKENS_PER_STEP))
+    assert trend["at_same_tokens_per_param_low"] < 1.09 + 0.02 * beyond < trend["at_same_tokens_per_param_high"]
+    assert horizon.SAME_TOKENS_PER_PARAM == pytest.approx(28.3 * 4 * 12 * 128 ** 2, rel=0.01)  # 22M tokens

@@ -17,6 +17,8 @@ HERE = Path(__file__).resolve().parent
 DATA_ORDER = HERE.parent / "2026-12-07_DataOrderCPU"
 TOKENS_PER_STEP = 16 * 256
 SPEEDRUN_TOKENS = 4578 * 8 * 64 * 1024  # the record: 4578 steps of 8 x 64 x 1024 tokens, 2.4B
+# the record's tokens per non-embedding parameter (12 layers of 12 x 768^2, 28 a parameter) at this size (4 x 128)
+SAME_TOKENS_PER_PARAM = SPEEDRUN_TOKENS * (4 * 12 * 128 ** 2) / (12 * 12 * 768 ** 2)
 HORIZONS = [500, 1000, 2000]
 GROWTH_PAIRS = [11, 12, 13, 14]
 CPU_BENCH = HERE.parent / "2026-11-30_MoEvsTunedDenseCPU" / "bench_R.json"  # this size's MoE/dense step on a CPU
@@ -146,12 +148,18 @@ def main(argv=None):
         xbar = sum(xs) / n
         sxx = sum((x - xbar) ** 2 for x in xs)
         resid = math.sqrt(sum((y - fit.intercept - fit.slope * x) ** 2 for x, y in points) / (n - 2))
-        at = fit.intercept + fit.slope * x0
-        half = t * resid * math.sqrt(1 / n + (x0 - xbar) ** 2 / sxx)
+
+        def line_at(x):  # the fitted line at log2(tokens) x, and the half-width of its 95% interval there
+            return fit.intercept + fit.slope * x, t * resid * math.sqrt(1 / n + (x - xbar) ** 2 / sxx)
+        at, half = line_at(x0)
+        x1 = math.log2(SAME_TOKENS_PER_PARAM)
+        at1, half1 = line_at(x1)
         results["trend"] = dict(slope_per_doubling=fit.slope, slope_low=fit.slope - t * fit.stderr,
                                 slope_high=fit.slope + t * fit.stderr, intercept=fit.intercept, points=n,
                                 at_speedrun_tokens=at, at_speedrun_low=at - half, at_speedrun_high=at + half,
-                                doublings_beyond_data=x0 - max(xs))
+                                doublings_beyond_data=x0 - max(xs), same_tokens_per_param=SAME_TOKENS_PER_PARAM,
+                                at_same_tokens_per_param=at1, at_same_tokens_per_param_low=at1 - half1,
+                                at_same_tokens_per_param_high=at1 + half1)
         print(f"\ntrend: r = {fit.intercept:.3f} + {fit.slope:.4f} x log2(tokens), slope per doubling of the "
               f"horizon {fit.slope:+.4f} [{fit.slope - t * fit.stderr:+.4f}, {fit.slope + t * fit.stderr:+.4f}] "
               f"({n} points)")
@@ -164,6 +172,10 @@ def main(argv=None):
                   f"per second")
         print(f"so the MoE would win at the speedrun's horizon only with a step under {at:.2f}x dense's (under "
               f"{at - half:.2f}x to be sure at 95%), if the line held that far")
+        # a second reading, added before any horizon-2000 run had finished (the registered one is above)
+        print(f"at the speedrun's tokens per non-embedding parameter ({SPEEDRUN_TOKENS / (12 * 12 * 768 ** 2):.0f}), "
+              f"at this size {SAME_TOKENS_PER_PARAM / 1e6:.1f}M tokens ({x1 - max(xs):.1f} doublings beyond): "
+              f"r = {at1:.3f}, 95% [{at1 - half1:.3f}, {at1 + half1:.3f}]")
         if args.plot:
             plot(args.plot, points, results, fit)
     if args.json:
@@ -190,6 +202,7 @@ def plot(path: str, points, results: dict, fit) -> None:
         ax.axhline(ratio, color="C3", lw=0.6, alpha=0.5)
     ax.axhline(1.0, color="black", lw=0.6)
     ax.axvline(SPEEDRUN_TOKENS, color="C2", lw=0.8, label="the speedrun's 2.4B tokens")
+    ax.axvline(SAME_TOKENS_PER_PARAM, color="C4", lw=0.8, label="its tokens per parameter at this size")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens (CPU study size: 4 x 128, 4096 tokens a step)")
     ax.set_ylabel("dense steps per MoE step (D / N)")
