@@ -54,6 +54,7 @@ def test_a_lead_that_grows_by_a_known_slope_is_fitted_tested_and_carried_to_the_
     for N in (500, 1000, 2000):
         expected = [1.05 + 0.02 * math.log2(N / 500) + noise[p, N] for p in (11, 12, 13, 14)]
         assert results["horizons"][str(N)]["r_mean"] == pytest.approx(sum(expected) / 4)
+        assert results["horizons"][str(N)]["dense_gain_of_25pct"] == pytest.approx(-0.3 * math.log(1.25))
     growth = results["growth"]
     assert growth["pairs"] == [11, 12, 13, 14] and growth["mean"] == pytest.approx(0.04, abs=0.01)
     assert growth["verdict"] == "grows" and growth["p"] < 0.05

@@ -109,14 +109,16 @@ def main(argv=None):
         results["horizons"][N] = dict(tokens=N * TOKENS_PER_STEP, pairs=list(per_pair), r_mean=mean, r_sd=sd,
                                       r_low=lo, r_high=hi, censored=censored)
         gap = [v["moe"] - v["dense"][N] for v in per_pair.values()]
+        gain = [v["dense"][N * 5 // 4] - v["dense"][N] for v in per_pair.values()]  # dense's 25% more steps
+        results["horizons"][N].update(moe_minus_dense=sum(gap) / len(gap), dense_gain_of_25pct=sum(gain) / len(gain))
         rows.append(f"| {N} | {N * TOKENS_PER_STEP / 1e6:.1f}M | {len(per_pair)} ({', '.join(map(str, per_pair))}) | "
-                    f"{sum(gap) / len(gap):+.4f} | "
+                    f"{sum(gap) / len(gap):+.4f} | {sum(gain) / len(gain):+.4f} | "
                     + ", ".join(f"{v['r']:.3f}" + ("+" if v["censored"] else "") for v in per_pair.values())
                     + (f" | {mean:.3f} ± {sd:.3f} | [{lo:.3f}, {hi:.3f}] |" if not censored else
                        f" | censored in pairs {censored} | - |"))
-    print("| horizon N (steps) | tokens | pairs | MoE - dense at N (mean) | D/N per pair | D/N mean ± std | "
-          "95% interval |")
-    print("|---|---|---|---|---|---|---|")
+    print("| horizon N (steps) | tokens | pairs | MoE - dense at N (mean) | dense 1.25 N - dense N (mean) | "
+          "D/N per pair | D/N mean ± std | 95% interval |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
     # growth: r(2000) - r(500) over the pairs both horizons have
